@@ -1,0 +1,145 @@
+"""The one sample record carried from ingest to features, keyed by the upstream key.
+
+`Sample` is the single source of truth: the shard index (parquet), the per-sample `<key>.json` in the tars and the
+files in `schemas/` are all derived from it (a test pins `schemas/` to this dataclass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, fields
+from typing import Any, get_type_hints
+
+import pyarrow as pa
+
+from curation.buckets import BASES, assign_bucket
+
+SCHEMA_VERSION = 1
+
+# A sample is "ok" until a stage fails it; then it stays a row with the reason, and later stages pass it through.
+OK, FAILED = "ok", "failed"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def safe_key(text: str) -> str:
+    """A webdataset-safe key: no dots (webdataset splits the extension at the first dot), slashes or spaces."""
+    key = _UNSAFE.sub("_", text.replace("/", "__"))
+    if not key:
+        raise ValueError(f"cannot make a key from {text!r}")
+    return key
+
+
+@dataclass(slots=True)
+class Sample:
+    key: str
+    source: str
+    source_id: str
+    ext: str = ""
+    width: int | None = None  # as displayed: EXIF orientation applied
+    height: int | None = None
+    bucket_256: str | None = None
+    bucket_512: str | None = None
+    bucket_1024: str | None = None
+    bucket_2048: str | None = None
+    original_caption: str | None = None  # alt-text, Midjourney prompt, or a folder's .txt
+    source_meta: str | None = None  # the source's own per-sample metadata, as JSON text
+    status: str = OK
+    error_reason: str | None = None  # short stable category, counted in summaries
+    error: str | None = None  # the full message
+    caption: str | None = None
+    caption_status: str | None = None  # ok | empty | truncated | repetitive (caption stage)
+
+    def set_size(self, width: int, height: int) -> None:
+        self.width, self.height = width, height
+        for base in BASES:
+            setattr(self, f"bucket_{base}", assign_bucket(height, width, base))
+
+    def fail(self, reason: str, message: str) -> None:
+        self.status, self.error_reason, self.error = FAILED, reason, message
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True).encode()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sample:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+_ARROW_TYPES = {str: pa.string(), int: pa.int64()}
+_JSON_TYPES = {str: "string", int: "integer"}
+
+
+def _field_types() -> list[tuple[str, type, bool]]:
+    """(name, base type, nullable) for every Sample field."""
+    out = []
+    for f in fields(Sample):
+        hint = get_type_hints(Sample)[f.name]
+        args = [a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)]
+        nullable = len(getattr(hint, "__args__", ())) > 1
+        out.append((f.name, args[0], nullable))
+    return out
+
+
+def arrow_schema() -> pa.Schema:
+    """The Arrow schema of a shard's parquet index (one row per sample, failed ones included)."""
+    return pa.schema(
+        [pa.field(name, _ARROW_TYPES[tp], nullable=nullable) for name, tp, nullable in _field_types()],
+        metadata={"schema_version": str(SCHEMA_VERSION)},
+    )
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of one sample record (the `<key>.json` members and the index rows)."""
+    props = {}
+    for name, tp, nullable in _field_types():
+        props[name] = {"type": [_JSON_TYPES[tp], "null"] if nullable else _JSON_TYPES[tp]}
+    props["status"]["enum"] = [OK, FAILED]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"pixart-curation/sample/v{SCHEMA_VERSION}",
+        "title": "Sample",
+        "type": "object",
+        "properties": props,
+        "required": [f.name for f in fields(Sample) if f.default is dataclasses.MISSING],
+        "additionalProperties": False,
+    }
+
+
+def samples_to_table(samples: list[Sample]) -> pa.Table:
+    return pa.Table.from_pylist([s.to_dict() for s in samples], schema=arrow_schema())
+
+
+def table_to_samples(table: pa.Table) -> list[Sample]:
+    return [Sample.from_dict(row) for row in table.to_pylist()]
+
+
+def arrow_schema_json() -> dict[str, Any]:
+    """The index's Arrow schema in a language-neutral form (what `schemas/index.schema.json` holds)."""
+    schema = arrow_schema()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "fields": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema],
+    }
+
+
+def write_schemas(folder: str) -> None:
+    """Regenerate `schemas/` from the dataclass: `python -m curation.records schemas`."""
+    import os
+
+    for name, payload in (("sample.schema.json", json_schema()), ("index.schema.json", arrow_schema_json())):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_schemas(sys.argv[1] if len(sys.argv) > 1 else "schemas")

@@ -1,0 +1,135 @@
+"""What every source layout yields: cheap listings on the driver, byte reads in the shard workers."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import fsspec
+
+IMAGE_EXTENSIONS = {
+    "jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ico", "jp2", "j2k", "avif", "qoi", "ppm", "pgm",
+    "pbm", "tga", "dds", "pcx", "psd", "sgi", "jfif",
+}  # fmt: skip
+
+
+class SourceError(Exception):
+    """The input cannot be read as the layout it claims (unsafe or duplicate members, missing annotations)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """Where the bytes of one file are: a plain file (`member` None) or a member of a tar archive."""
+
+    container: str  # fsspec URL of the file or archive
+    member: str | None = None
+    offset: int | None = None  # data offset in an uncompressed tar: read by seeking, not scanning
+    size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceItem:
+    """One upstream sample: its key, its image, and the sidecars that carry captions and metadata."""
+
+    key: str
+    source: str
+    source_id: str
+    ext: str
+    image: Member | None  # None: the upstream download failed (see unavailable)
+    caption: Member | None = None  # a UTF-8 text file
+    meta: Member | None = None  # a JSON file
+    original_caption: str | None = None  # when the listing already knows it (JourneyDB annotations)
+    source_meta: dict[str, Any] | None = None
+    unavailable: str | None = None  # img2dataset rows whose download failed: kept as failed samples
+
+
+def image_ext(name: str) -> str | None:
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    return ext if ext in IMAGE_EXTENSIONS else None
+
+
+def check_member_name(archive: str, name: str) -> None:
+    """Refuse names that would escape an extraction folder; a tool that trusts them writes anywhere."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or name.startswith("\\") or ":" in path.parts[0]:
+        raise SourceError(f"unsafe member name {name!r} in {archive}: refusing this archive")
+
+
+def list_tar(url: str) -> list[tuple[str, Member]]:
+    """(member name, Member) for each regular file of a tar, checked for unsafe names."""
+    fs, path = fsspec.core.url_to_fs(url)
+    compressed = path.endswith((".tgz", ".tar.gz"))
+    out = []
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|gz" if compressed else "r|") as tar:
+        for info in tar:
+            check_member_name(url, info.name)
+            if info.isfile():
+                offset = None if compressed else info.offset_data
+                out.append((info.name, Member(url, info.name, offset, info.size)))
+    return out
+
+
+def check_unique(items: list[SourceItem]) -> None:
+    seen: dict[str, SourceItem] = {}
+    for item in items:
+        if item.key in seen:
+            first = seen[item.key]
+            raise SourceError(
+                f"duplicate key {item.key!r}: {_where(first.image)} and {_where(item.image)}; keys must be unique"
+            )
+        seen[item.key] = item
+
+
+def _where(m: Member | None) -> str:
+    if m is None:
+        return "(no image)"
+    return f"{m.container}:{m.member}" if m.member else m.container
+
+
+def read_members(members: Iterable[Member]) -> Iterator[tuple[Member, bytes | Exception]]:
+    """Read many members, grouped by container so each archive is opened once; errors are returned, not raised."""
+    by_container: dict[str, list[Member]] = {}
+    for m in members:
+        by_container.setdefault(m.container, []).append(m)
+    for container, group in by_container.items():
+        yield from _read_container(container, group)
+
+
+def _read_container(container: str, group: list[Member]) -> Iterator[tuple[Member, bytes | Exception]]:
+    fs, path = fsspec.core.url_to_fs(container)
+    pending = {id(m): m for m in group}
+    try:
+        if group[0].member is None:
+            for m in group:
+                data = fs.cat_file(path)
+                yield pending.pop(id(m)), data
+        elif all(m.offset is not None for m in group):
+            with fs.open(path, "rb") as f:
+                for m in sorted(group, key=lambda m: m.offset):
+                    f.seek(m.offset)
+                    data = f.read(m.size)
+                    yield pending.pop(id(m)), data
+        else:  # compressed archive: one streaming pass
+            wanted = {m.member: m for m in group}
+            with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                for info in tar:
+                    if info.name in wanted:
+                        m = wanted.pop(info.name)
+                        yield pending.pop(id(m)), tar.extractfile(info).read()
+    except (OSError, tarfile.TarError) as exc:
+        for m in pending.values():
+            yield m, exc
+        return
+    for m in pending.values():
+        yield m, FileNotFoundError(f"{m.member} not found in {container}")
+
+
+def load_json(data: bytes) -> dict[str, Any]:
+    value = json.loads(data)
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value

@@ -1,0 +1,53 @@
+"""Shared fixtures: the real images in ../shared/data, one local Ray for the session, source-layout builders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+COCO = SHARED / "data" / "coco"
+EDGE_CASES = SHARED / "data" / "edge_cases"
+
+# Ray stays on loopback and sends nothing: set before any test imports ray.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("http_proxy", "http://127.0.0.1:9")
+os.environ.setdefault("HTTP_PROXY", "http://127.0.0.1:9")
+os.environ.setdefault("NLTK_DATA", str(SHARED / "nltk_data"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the whole session (stage runs reuse it instead of starting their own)."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-t-", dir="/tmp")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp_dir,
+        configure_logging=False,
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def coco_files() -> list[Path]:
+    files = sorted(COCO.glob("*.jpg"))
+    assert len(files) >= 50, f"expected the shared COCO photos in {COCO}"
+    return files
+
+
+@pytest.fixture(scope="session")
+def edge_case_files() -> list[Path]:
+    return sorted(p for p in EDGE_CASES.rglob("*") if p.is_file() and p.name != "manifest.json")
