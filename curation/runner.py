@@ -108,7 +108,9 @@ def output_lock(output: str) -> Iterator[None]:
         fh.seek(0)
         holder = fh.read().strip() or "another process"
         fh.close()
-        raise SetupError(f"another curation run is using {output} ({holder}); wait for it or use another output")
+        raise SetupError(
+            f"another curation run is using {output} ({holder}); wait for it or use another output"
+        ) from None
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
