@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 
+from curation.caption.model import DEFAULT_PROMPT
+from curation.caption.stage import DEFAULT_MODEL
 from curation.runner import SetupError
 from curation.sources import SOURCES, SourceError
 
@@ -36,7 +39,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, choices=sorted(SOURCES))
     p.add_argument("--input", required=True, help="input folder, archive or fsspec URL")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p = sub.add_parser("caption", help="images/ -> captions/ with LLaVA (the PixArt-alpha prompt by default)")
+    _common(p)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
+    p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed for --do-sample")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU, or per CPU without)")
+    p.add_argument("--decode-threads", type=int, default=None, help="CPU decode threads per actor")
+
+    p = sub.add_parser("make-tiny-models", help="build tiny random LLaVA, T5 and VAE checkpoints (tests, demo)")
+    p.add_argument("folder")
     return parser
+
+
+@command("make-tiny-models")
+def _make_tiny_models(args: argparse.Namespace) -> int:
+    from curation.tiny import make_tiny_models
+
+    for name, path in make_tiny_models(args.folder).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+@command("caption")
+def _caption(args: argparse.Namespace) -> int:
+    from curation.caption.model import CaptionConfig
+    from curation.caption.stage import CaptionStageConfig, run_caption
+
+    model = CaptionConfig(
+        model=args.model,
+        revision=args.revision,
+        prompt=args.prompt,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        device=args.device,
+    )
+    config = CaptionStageConfig(model=model, workers=args.workers)
+    if args.decode_threads:
+        config = dataclasses.replace(config, decode_threads=args.decode_threads)
+    summary = run_caption(
+        args.output, config, ray_address=args.ray_address, force=args.force, progress=not args.no_progress
+    )
+    _print_summary(summary)
+    print(f"captions: {args.output.rstrip('/')}/captions/")
+    return 0
 
 
 @command("ingest")

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 from curation.imaging import ImageDecodeError, header_size
-from curation.records import Sample, samples_to_table
+from curation.records import Sample, count_statuses, samples_to_table
 from curation.shards import ShardWriter, StageDir, config_hash
 from curation.sources.base import Member, SourceItem, load_json, read_members
 from curation.sources.sa1b import sa1b_meta
@@ -115,16 +115,6 @@ def _apply_sidecars(sample: Sample, item: SourceItem, data: dict[Member, bytes |
         if sample.original_caption is None and meta.get("caption") is not None:
             sample.original_caption = str(meta["caption"])
         sample.source_meta = json.dumps(meta, ensure_ascii=False, default=str)
-
-
-def count_statuses(samples: list[Sample]) -> dict[str, dict[str, int]]:
-    by_status: dict[str, int] = {}
-    by_reason: dict[str, int] = {}
-    for s in samples:
-        by_status[s.status] = by_status.get(s.status, 0) + 1
-        if s.error_reason:
-            by_reason[s.error_reason] = by_reason.get(s.error_reason, 0) + 1
-    return {"by_status": by_status, "by_reason": by_reason}
 
 
 def run_ingest(

@@ -120,6 +120,16 @@ def table_to_samples(table: pa.Table) -> list[Sample]:
     return [Sample.from_dict(row) for row in table.to_pylist()]
 
 
+def count_statuses(samples: list[Sample]) -> dict[str, dict[str, int]]:
+    by_status: dict[str, int] = {}
+    by_reason: dict[str, int] = {}
+    for s in samples:
+        by_status[s.status] = by_status.get(s.status, 0) + 1
+        if s.error_reason:
+            by_reason[s.error_reason] = by_reason.get(s.error_reason, 0) + 1
+    return {"by_status": by_status, "by_reason": by_reason}
+
+
 def arrow_schema_json() -> dict[str, Any]:
     """The index's Arrow schema in a language-neutral form (what `schemas/index.schema.json` holds)."""
     schema = arrow_schema()

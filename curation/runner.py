@@ -36,7 +36,8 @@ class Resources:
 
     num_cpus: float = 1
     num_gpus: float = 0
-    workers: int | None = None  # default: as many as the cluster's free resources allow
+    gpu_optional: bool = False  # model stages: run on CPU actors when the cluster has no GPU (laptops, CI)
+    workers: int | None = None  # default: as many as the cluster's resources allow
 
 
 @dataclass
@@ -48,17 +49,23 @@ class RunSummary:
     samples_run: int = 0
     samples: int = 0  # all shards of the stage, skipped ones included
     seconds: float = 0.0
-    by_status: dict[str, int] = field(default_factory=dict)
-    by_reason: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # every `by_*` tally of the done markers
+
+    @property
+    def by_status(self) -> dict[str, int]:
+        return self.counts.get("by_status", {})
+
+    @property
+    def by_reason(self) -> dict[str, int]:
+        return self.counts.get("by_reason", {})
 
     def add(self, done: dict[str, Any]) -> None:
         self.samples += done.get("rows", 0)
-        for src, dst in (
-            (done.get("by_status", {}), self.by_status),
-            (done.get("by_reason", {}), self.by_reason),
-        ):
-            for k, v in src.items():
-                dst[k] = dst.get(k, 0) + v
+        for name, tally in done.items():
+            if name.startswith("by_") and isinstance(tally, dict):
+                dst = self.counts.setdefault(name, {})
+                for k, v in tally.items():
+                    dst[k] = dst.get(k, 0) + v
 
     def lines(self) -> list[str]:
         rate = self.samples_run / self.seconds if self.seconds else 0.0
@@ -67,11 +74,10 @@ class RunSummary:
             f"(of {self.shards_total}); {self.samples_run} samples in {self.seconds:.1f}s ({rate:.1f}/s); "
             f"{self.samples} samples in all",
         ]
-        if self.by_status:
-            out.append(f"[{self.stage}] by status: " + ", ".join(f"{k}={v}" for k, v in sorted(self.by_status.items())))
-        if self.by_reason:
-            reasons = sorted(self.by_reason.items(), key=lambda kv: -kv[1])
-            out.append(f"[{self.stage}] failures by reason: " + ", ".join(f"{k}={v}" for k, v in reasons))
+        for name, tally in sorted(self.counts.items()):
+            label = "failures by reason" if name == "by_reason" else name.removeprefix("by_").replace("_", " ")
+            items = sorted(tally.items(), key=lambda kv: (-kv[1], kv[0]))
+            out.append(f"[{self.stage}] {label}: " + ", ".join(f"{k}={v}" for k, v in items))
         return out
 
 
@@ -197,10 +203,10 @@ def run_shards(
     started = time.time()
     if not tasks:
         return summary
-    n_workers = _pool_size(resources, len(tasks))
+    num_gpus, n_workers = _placement(resources, len(tasks))
     actor_cls = ray.remote(
         num_cpus=resources.num_cpus,
-        num_gpus=resources.num_gpus,
+        num_gpus=num_gpus,
         max_restarts=-1,  # a dead actor comes back and takes its shard again ...
         max_task_retries=max_retries,  # ... up to this many times per shard
     )(_StageActor)
@@ -234,20 +240,24 @@ def run_shards(
     return summary
 
 
-def _pool_size(resources: Resources, n_tasks: int) -> int:
+def _placement(resources: Resources, n_tasks: int) -> tuple[float, int]:
+    """(GPUs per actor, number of actors) for this cluster."""
     import ray
 
-    if resources.workers:
-        return max(1, min(resources.workers, n_tasks))
     available = ray.cluster_resources()
-    if resources.num_gpus:
-        gpus = available.get("GPU", 0)
-        if gpus < resources.num_gpus:
-            raise SetupError(f"this stage asks for {resources.num_gpus} GPU per worker, the cluster has {gpus}")
-        slots = int(gpus // resources.num_gpus)
+    gpus = available.get("GPU", 0)
+    num_gpus = resources.num_gpus
+    if num_gpus and gpus < num_gpus:
+        if not resources.gpu_optional:
+            raise SetupError(f"this stage asks for {num_gpus} GPU per worker, the cluster has {gpus}")
+        num_gpus = 0
+    if resources.workers:
+        return num_gpus, max(1, min(resources.workers, n_tasks))
+    if num_gpus:
+        slots = int(gpus // num_gpus)
     else:
         slots = int(available.get("CPU", 1) // max(resources.num_cpus, 1e-9))
-    return max(1, min(slots, n_tasks))
+    return num_gpus, max(1, min(slots, n_tasks))
 
 
 def run_stage(

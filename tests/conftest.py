@@ -51,3 +51,11 @@ def coco_files() -> list[Path]:
 @pytest.fixture(scope="session")
 def edge_case_files() -> list[Path]:
     return sorted(p for p in EDGE_CASES.rglob("*") if p.is_file() and p.name != "manifest.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random LLaVA, T5 and VAE of the real classes, saved and loaded like Hub checkpoints."""
+    from curation.tiny import make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))

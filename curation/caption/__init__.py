@@ -1,0 +1,1 @@
+"""Caption stage: LLaVA captioning of image shards."""

@@ -1,0 +1,139 @@
+"""Caption stage: `images/` shards -> `captions/` shards (original bytes, `<key>.txt` caption, `<key>.json` record).
+
+The CPU front end decodes the next images in a thread pool while the model captions the current batch; samples that
+failed upstream or fail to decode here stay rows of the index with their reason, and are never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from curation.caption.model import DEFAULT_PROMPT, CaptionConfig, Captioner
+from curation.imaging import ImageDecodeError, decode_image, prefetch
+from curation.records import OK, Sample, count_statuses, samples_to_table, table_to_samples
+from curation.shards import ShardWriter, StageDir, config_hash
+
+STAGE = "captions"
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+
+
+@dataclass(frozen=True)
+class CaptionStageConfig:
+    model: CaptionConfig = field(default_factory=lambda: CaptionConfig(model=DEFAULT_MODEL, prompt=DEFAULT_PROMPT))
+    decode_threads: int = max(2, min(8, (os.cpu_count() or 2)))
+    workers: int | None = None  # actors; default one per GPU, or per free CPU without GPUs
+
+    def semantics(self) -> dict:
+        """Model, prompt and generation parameters decide the captions; batch size and threads do not."""
+        model = asdict(self.model)
+        for volatile in ("batch_size", "device", "num_threads"):
+            model.pop(volatile)
+        return model
+
+
+class CaptionStage:
+    def __init__(self, output: str, config: CaptionStageConfig) -> None:
+        root = output.rstrip("/")
+        self.images = StageDir(f"{root}/images")
+        self.stage_dir = StageDir(f"{root}/{STAGE}")
+        self.config = config
+        self.captioner = Captioner(config.model)
+
+    def setup(self) -> None:
+        self.captioner.setup()
+        self._provenance = self.captioner.provenance()
+
+    def process(self, shard: str, payload: None = None) -> dict:
+        samples = {s.key: s for s in table_to_samples(self.images.read_index(shard))}
+        cap_counts: dict[str, int] = {}
+        with ShardWriter(self.stage_dir, shard) as writer:
+            for batch in self._decoded_batches(shard, samples):
+                ok = [(s, raw, img) for s, raw, img in batch if not isinstance(img, Exception)]
+                for sample, _, error in batch:
+                    if isinstance(error, Exception):
+                        reason = error.reason if isinstance(error, ImageDecodeError) else "decode_error"
+                        sample.fail(reason, str(error))
+                results = self.captioner.caption([img for _, _, img in ok]) if ok else []
+                for (sample, raw, _), result in zip(ok, results, strict=True):
+                    sample.caption, sample.caption_status = result.text, result.status
+                    cap_counts[result.status] = cap_counts.get(result.status, 0) + 1
+                    record = sample.to_dict() | {"provenance": self._provenance, "new_tokens": result.new_tokens}
+                    writer.add(
+                        sample.key,
+                        {
+                            sample.ext: raw,
+                            "txt": result.text.encode(),
+                            "json": json.dumps(record, ensure_ascii=False, sort_keys=True).encode(),
+                        },
+                    )
+            rows = sorted(samples.values(), key=lambda s: s.key)
+            done = {
+                "stage": STAGE,
+                "config_hash": config_hash(self.config.semantics()),
+                "by_caption_status": cap_counts,
+                "provenance": self._provenance,
+                **count_statuses(rows),
+            }
+            return writer.commit(samples_to_table(rows), done)
+
+    def _decoded_batches(self, shard: str, samples: dict[str, Sample]) -> Iterator[list[tuple[Sample, bytes, object]]]:
+        """Batches of (sample, original bytes, RGB image or the decode error), decoded ahead of the model."""
+        size = self.captioner.input_size
+
+        def decode(item: tuple[Sample, bytes]) -> tuple[Sample, bytes, object]:
+            sample, raw = item
+            try:
+                return sample, raw, decode_image(raw, target_size=size)
+            except ImageDecodeError as exc:
+                return sample, raw, exc
+
+        def todo() -> Iterator[tuple[Sample, bytes]]:
+            for key, members in self.images.iter_samples(shard):
+                sample = samples[key]
+                if sample.status == OK:
+                    yield sample, members[sample.ext]
+
+        batch_size = self.config.model.batch_size
+        threads = self.config.decode_threads
+        batch: list = []
+        for decoded in prefetch(todo(), decode, threads=threads, ahead=2 * batch_size + threads):
+            batch.append(decoded)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def run_caption(
+    output: str,
+    config: CaptionStageConfig,
+    *,
+    ray_address: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+):
+    """Caption every done `images/` shard that has no done `captions/` shard yet."""
+    from curation.runner import Resources, run_stage
+
+    images = StageDir(f"{output.rstrip('/')}/images")
+    shards = images.done_shards()
+    return run_stage(
+        output=output,
+        stage_dir=StageDir(f"{output.rstrip('/')}/{STAGE}"),
+        make_stage=lambda: CaptionStage(output, config),
+        tasks=[(s, None) for s in shards],
+        semantics=config.semantics(),
+        resources=Resources(
+            num_cpus=1,
+            num_gpus=0 if config.model.device == "cpu" else 1,
+            gpu_optional=config.model.device == "auto",
+            workers=config.workers,
+        ),
+        ray_address=ray_address,
+        force=force,
+        progress=progress,
+    )

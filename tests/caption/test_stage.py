@@ -1,0 +1,104 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import webdataset as wds
+
+from curation.caption.model import CaptionConfig
+from curation.caption.stage import CaptionStageConfig, run_caption
+from curation.ingest import IngestConfig, run_ingest
+from curation.shards import StageDir
+from tests.conftest import EDGE_CASES, REPO
+from tests.layouts import make_folder
+
+
+def _rows(out, stage: str) -> dict[str, dict]:
+    sd = StageDir(f"{out}/{stage}")
+    rows = {}
+    for shard in sd.done_shards():
+        for row in sd.read_index(shard).to_pylist():
+            assert row["key"] not in rows
+            rows[row["key"]] = row
+    return rows
+
+
+def _config(tiny_models, **kw) -> CaptionStageConfig:
+    model = CaptionConfig(model=str(tiny_models["llava"]), max_new_tokens=16, batch_size=4, **kw)
+    return CaptionStageConfig(model=model, decode_threads=2)
+
+
+def test_caption_coco_shards(tmp_path, coco_files, tiny_models, ray_local):
+    out = tmp_path / "out"
+    run_ingest(str(out), IngestConfig("folder", str(make_folder(tmp_path / "in", coco_files)), 20), progress=False)
+    summary = run_caption(str(out), _config(tiny_models), progress=False)
+    images, captions = _rows(out, "images"), _rows(out, "captions")
+    assert set(images) == set(captions) and len(captions) == len(coco_files)
+    assert summary.by_status == {"ok": len(coco_files)}
+    statuses = summary.counts["by_caption_status"]
+    assert sum(statuses.values()) == len(coco_files) and set(statuses) <= {"ok", "empty", "truncated", "repetitive"}
+    for shard in StageDir(f"{out}/captions").done_shards():
+        done = StageDir(f"{out}/captions").read_done(shard)
+        seen = list(wds.WebDataset(f"{out}/captions/{shard}.tar", shardshuffle=False, empty_check=False))
+        assert len(seen) == done["members"] == done["by_status"]["ok"]
+        for s in seen:
+            record = json.loads(s["json"])
+            assert s["txt"].decode() == record["caption"] == captions[s["__key__"]]["caption"]
+            assert record["caption_status"] == captions[s["__key__"]]["caption_status"]
+            assert record["provenance"]["model"] == str(tiny_models["llava"])
+            assert record["provenance"]["prompt"] == "Describe this image and its style in a very detailed manner"
+            assert {"max_new_tokens", "do_sample", "num_beams"} <= set(record["provenance"]["generation"])
+            assert "transformers" in record["provenance"]["versions"]
+            original = next(p for p in coco_files if s["__key__"].endswith(p.stem))
+            assert s["jpg"] == original.read_bytes()
+    # A changed prompt is another configuration: refused on the same output.
+    from curation.runner import SetupError
+
+    with pytest.raises(SetupError):
+        run_caption(str(out), _config(tiny_models, prompt="Describe briefly."), progress=False)
+
+
+def test_edge_cases_end_captioned_or_failed_with_reason(tmp_path, tiny_models, ray_local):
+    out = tmp_path / "out"
+    run_ingest(str(out), IngestConfig("folder", str(EDGE_CASES), 16), progress=False)
+    run_caption(str(out), _config(tiny_models), progress=False)
+    rows = _rows(out, "captions")
+    assert set(rows) == set(_rows(out, "images"))
+    for key, row in rows.items():
+        if row["status"] == "ok":
+            assert row["caption_status"] in {"ok", "empty", "truncated", "repetitive"}, key
+        else:
+            assert row["error_reason"] and row["error"], key
+    failed = {k for k, r in rows.items() if r["status"] == "failed"}
+    assert any("truncated" in k for k in failed) and any("decompression_bomb" in k for k in failed)
+    assert len(failed) < len(rows) - 20  # the sound majority is captioned
+
+
+@pytest.mark.slow
+def test_sigkill_mid_caption_then_rerun_gives_same_keys_and_captions(tmp_path, coco_files, tiny_models):
+    src = make_folder(tmp_path / "in", coco_files[:24])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cli = [sys.executable, "-m", "curation.cli"]
+    cap = ["caption", "--model", str(tiny_models["llava"]), "--max-new-tokens", "12", "--batch-size", "2",
+           "--no-progress", "--workers", "1"]  # fmt: skip
+    for out in (tmp_path / "ref", tmp_path / "out"):
+        ingest = ["ingest", "--source", "folder", "--input", str(src), "--shard-size", "2", "--output", str(out)]
+        subprocess.run([*cli, *ingest, "--no-progress"], check=True, env=env, capture_output=True)
+    subprocess.run([*cli, *cap, "--output", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*cli, *cap, "--output", str(out)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list((out / "captions").glob("*.done.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(list((out / "captions").glob("*.done.json"))) < 12, "the kill must land mid-run"
+    subprocess.run([*cli, *cap, "--output", str(out)], check=True, env=env, capture_output=True)
+    ref_rows, out_rows = _rows(tmp_path / "ref", "captions"), _rows(out, "captions")
+    assert set(ref_rows) == set(out_rows)
+    assert {k: r["caption"] for k, r in ref_rows.items()} == {k: r["caption"] for k, r in out_rows.items()}
+    assert not [p for p in (out / "captions").iterdir() if p.name.startswith(".")]
