@@ -265,6 +265,7 @@ def run_stage(
     output: str,
     stage_dir: StageDir,
     make_stage: Callable[[], Any],
+    sidecar_dirs: tuple[StageDir, ...] = (),
     tasks: list[tuple[str, Any]],
     semantics: dict[str, Any],
     resources: Resources,
@@ -272,12 +273,18 @@ def run_stage(
     force: bool = False,
     progress: bool = True,
 ) -> RunSummary:
-    """Lock the output, skip done shards, run the rest on Ray, and total the stage's done markers."""
+    """Lock the output, skip done shards, run the rest on Ray, and total the stage's done markers.
+
+    `sidecar_dirs` are further outputs of the same stage (features/vae512 beside features/t5): a shard is pending
+    while any of them lacks its done marker, and the stage's `process` skips the parts already done.
+    """
     with output_lock(output):
-        stage_dir.remove_stale_temporaries()
         chash = config_hash(semantics)
         shards = [shard for shard, _ in tasks]
-        todo = set(pending_shards(stage_dir, shards, chash, force))
+        todo: set[str] = set()
+        for directory in (stage_dir, *sidecar_dirs):
+            directory.remove_stale_temporaries()
+            todo |= set(pending_shards(directory, shards, chash, force))
         record_run_config(output, stage_dir.url.rstrip("/").rsplit("/", 1)[-1], {**semantics, "config_hash": chash})
         with ray_session(ray_address):
             summary = run_shards(
@@ -289,6 +296,6 @@ def run_stage(
                 progress=progress,
             )
         for shard in shards:
-            if shard not in todo:
+            if shard not in todo and shard in set(stage_dir.done_shards()):
                 summary.add(stage_dir.read_done(shard))
         return summary
