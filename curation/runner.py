@@ -295,7 +295,8 @@ def run_stage(
                 shards_total=len(tasks),
                 progress=progress,
             )
+        done = set(stage_dir.done_shards())
         for shard in shards:
-            if shard not in todo and shard in set(stage_dir.done_shards()):
+            if shard not in todo and shard in done:
                 summary.add(stage_dir.read_done(shard))
         return summary
