@@ -57,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU, or per CPU without)")
     p.add_argument("--decode-threads", type=int, default=None, help="CPU decode threads per actor")
 
+    p = sub.add_parser("stats", help="concept density (PixArt-alpha Table 1) of caption shards or a caption corpus")
+    p.add_argument("--output", required=True, help="the run's output (reads captions/), or where a corpus report goes")
+    p.add_argument("--field", choices=["caption", "original", "both"], default="both")
+    p.add_argument("--captions", default=None, help="a caption corpus instead: JSONL or parquet, one caption per image")
+    p.add_argument("--name", default=None, help="dataset name in the table")
+    p.add_argument("--column", default="caption", help="the corpus's caption field or column")
+    p.add_argument("--valid-threshold", type=int, default=10, help="valid nouns appear more than this many times")
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("make-tiny-models", help="build tiny random LLaVA, T5 and VAE checkpoints (tests, demo)")
     p.add_argument("folder")
     return parser
@@ -100,6 +110,33 @@ def _caption(args: argparse.Namespace) -> int:
     _print_summary(summary)
     print(f"captions: {args.output.rstrip('/')}/captions/")
     return 0
+
+
+@command("stats")
+def _stats(args: argparse.Namespace) -> int:
+    from curation.stats.stage import StatsConfig, run_corpus_stats, run_stats
+
+    if args.captions:
+        name = args.name or args.captions.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+        html = run_corpus_stats(
+            args.captions, name, args.output, column=args.column, valid_threshold=args.valid_threshold
+        )
+    else:
+        fields = ("caption", "original") if args.field == "both" else (args.field,)
+        config = StatsConfig(fields=fields, valid_threshold=args.valid_threshold, name=args.name)
+        summary, html = run_stats(args.output, config, ray_address=args.ray_address, progress=not args.no_progress)
+        _print_summary(summary)
+    report = str(html).rsplit("/", 1)[0]
+    print(open_table(report))
+    print(f"report: {html}")
+    return 0
+
+
+def open_table(report_dir: str) -> str:
+    import fsspec
+
+    with fsspec.open(f"{report_dir}/table1.md", "rt", encoding="utf-8") as fh:
+        return fh.read()
 
 
 @command("ingest")

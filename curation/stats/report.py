@@ -1,0 +1,269 @@
+"""The statistics report: Table 1 beside the paper's, plots and a caption gallery, as static files.
+
+``write_report`` writes into one folder: ``table1.md`` (human-readable numbers, the paper's rows under
+"published in the PixArt-α paper"), ``table1.json`` (exact numbers), PNG plots and ``index.html`` that
+shows them. Plots are drawn with matplotlib's object API and Agg canvas, so no global backend is touched.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curation.stats.nouns import VALID_THRESHOLD, NounStats
+
+# Table 1 of PixArt-alpha (arXiv 2310.00426) as published: rounded there, so kept as printed. The paper
+# gives no image counts. vn_dn_pct is the printed percentage (it was computed before rounding VN and DN).
+PAPER_ROWS: tuple[dict[str, Any], ...] = (
+    {"name": "LAION", "images": None, "vn": 210_000, "dn": 2_461_000, "vn_dn_pct": 8.5,
+     "total_nouns": 72_000_000, "nouns_per_image": 6.4},
+    {"name": "LAION-LLaVA", "images": None, "vn": 85_000, "dn": 646_000, "vn_dn_pct": 13.3,
+     "total_nouns": 233_900_000, "nouns_per_image": 20.9},
+    {"name": "SAM-LLaVA", "images": None, "vn": 23_000, "dn": 124_000, "vn_dn_pct": 18.6,
+     "total_nouns": 327_900_000, "nouns_per_image": 29.3},
+    {"name": "Internal", "images": None, "vn": 152_000, "dn": 582_000, "vn_dn_pct": 26.1,
+     "total_nouns": 136_600_000, "nouns_per_image": 12.2},
+)  # fmt: skip
+
+TOP_NOUNS = 30
+_RANK_POINTS = 2000  # rank-frequency curves are drawn on at most this many log-spaced ranks
+
+
+def distinct_human(n: int) -> str:
+    """Distinct-noun counts as the paper prints them: thousands as "646K", small counts exact."""
+    return f"{round(n / 1000)}K" if n >= 10_000 else str(n)
+
+
+def total_human(n: int) -> str:
+    """Totals as the paper prints them: "233.9M"; below a million "12.3K" or exact."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e3:.1f}K" if n >= 10_000 else str(n)
+
+
+def table1_cells(row: Mapping[str, Any]) -> dict[str, str]:
+    """The printed cells of one Table 1 row (a ``NounStats.table1_row`` or a ``PAPER_ROWS`` entry)."""
+    images = row["images"]
+    return {
+        "Dataset": str(row["name"]),
+        "Images": "–" if images is None else f"{images:,}",
+        "VN/DN": f"{distinct_human(row['vn'])}/{distinct_human(row['dn'])} = {row['vn_dn_pct']:.1f}%",
+        "Total Noun": total_human(row["total_nouns"]),
+        "Average": f"{row['nouns_per_image']:.1f}/Img",
+    }
+
+
+def _markdown_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    cells = [table1_cells(row) for row in rows]
+    header = list(cells[0]) if cells else list(table1_cells(PAPER_ROWS[0]))
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for c in cells:
+        lines.append("| " + " | ".join(c[h].replace("|", "\\|") for h in header) + " |")
+    return lines
+
+
+def _rule_text(valid_threshold: int) -> str:
+    return (
+        "Nouns by the PixArt-α rule: NLTK punkt_tab sentences, word_tokenize, pos_tag; tags NN, NNS, NNP, "
+        f"NNPS, counted lower-cased. VN: distinct nouns appearing more than {valid_threshold} times; "
+        "DN: distinct nouns; Average: nouns per image."
+    )
+
+
+def _write_table1_md(path: Path, rows: list[dict[str, Any]], valid_threshold: int) -> None:
+    lines = ["# Table 1: noun concepts", "", _rule_text(valid_threshold), "", *_markdown_table(rows), ""]
+    lines += ["## published in the PixArt-α paper", "", *_markdown_table(PAPER_ROWS), ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _figure(width: float, height: float) -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:  # the report is the only user of matplotlib
+        raise ImportError("the statistics report needs matplotlib: pip install matplotlib") from e
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _no_data(ax: Any) -> None:
+    ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+
+
+def _plot_rank_frequency(path: Path, stats: Mapping[str, NounStats]) -> None:
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    drawn = False
+    for name, s in stats.items():
+        counts = np.array(sorted(s.noun_counts.values(), reverse=True), dtype=np.int64)
+        if counts.size == 0:
+            continue
+        ranks = np.unique(np.geomspace(1, counts.size, num=min(_RANK_POINTS, counts.size)).astype(np.int64))
+        ax.loglog(ranks, counts[ranks - 1], label=name)
+        drawn = True
+    if drawn:
+        ax.legend()
+    else:
+        _no_data(ax)
+    ax.set(title="Noun frequency by rank", xlabel="rank", ylabel="occurrences")
+    fig.savefig(path, format="png", dpi=100)
+
+
+def _plot_nouns_per_image(path: Path, stats: Mapping[str, NounStats]) -> None:
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    drawn = False
+    for name, s in stats.items():
+        if not s.images:
+            continue
+        xs = np.arange(max(s.nouns_per_image) + 1)
+        share = np.array([s.nouns_per_image.get(int(x), 0) for x in xs]) / s.images
+        ax.plot(xs, share, drawstyle="steps-mid", label=f"{name} (mean {s.total_nouns / s.images:.1f})")
+        drawn = True
+    if drawn:
+        ax.legend()
+    else:
+        _no_data(ax)
+    ax.set(title="Nouns per image", xlabel="nouns in the caption", ylabel="share of images")
+    fig.savefig(path, format="png", dpi=100)
+
+
+def _plot_top_nouns(path: Path, stats: Mapping[str, NounStats]) -> None:
+    fig = _figure(3.6 * max(1, len(stats)), 7)
+    axes = fig.subplots(1, max(1, len(stats)), squeeze=False)[0]
+    for ax, (name, s) in zip(axes, stats.items(), strict=False):
+        top = s.noun_counts.most_common(TOP_NOUNS)
+        if top:
+            words, counts = zip(*top, strict=True)
+            ax.barh(range(len(top)), counts)
+            ax.set_yticks(range(len(top)), labels=words)
+            ax.invert_yaxis()
+        else:
+            _no_data(ax)
+        ax.set(title=f"{name}: top {TOP_NOUNS} nouns", xlabel="occurrences")
+    if not stats:
+        _no_data(axes[0])
+    fig.savefig(path, format="png", dpi=100)
+
+
+def _bucket_order(key: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(key), key)
+    except ValueError:
+        return (1, 0.0, key)
+
+
+def _plot_buckets(path: Path, bucket_counts: Mapping[str, int]) -> None:
+    keys = sorted(bucket_counts, key=_bucket_order)
+    fig = _figure(max(7, 0.25 * len(keys)), 4.5)
+    ax = fig.add_subplot()
+    if keys:
+        ax.bar(range(len(keys)), [bucket_counts[k] for k in keys])
+        ax.set_xticks(range(len(keys)), labels=keys, rotation=90)
+    else:
+        _no_data(ax)
+    ax.set(title="Aspect-ratio buckets (height/width)", xlabel="bucket", ylabel="images")
+    fig.savefig(path, format="png", dpi=100)
+
+
+def _html_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    cells = [table1_cells(row) for row in rows]
+    header = list(table1_cells(PAPER_ROWS[0]))
+    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for c in cells:
+        out.append("<tr>" + "".join(f"<td>{html.escape(c[h])}</td>" for h in header) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _gallery_html(report_dir: Path, gallery: Sequence[Mapping[str, Any]]) -> str:
+    if not gallery:
+        return ""
+    thumbs = report_dir / "gallery"
+    thumbs.mkdir(exist_ok=True)
+    items = []
+    for i, item in enumerate(gallery):
+        # Named by position: keys are upstream ids and may hold characters unfit for a file name.
+        img = ""
+        if item.get("thumbnail_png"):
+            (thumbs / f"{i:04d}.png").write_bytes(item["thumbnail_png"])
+            img = f'<img src="gallery/{i:04d}.png" alt="{html.escape(str(item.get("key", "")))}">'
+        fields = "".join(
+            f'<p class="{cls}"><b>{label}</b> {html.escape(str(item.get(field) or ""))}</p>'
+            for cls, label, field in (
+                ("key", "key", "key"),
+                ("status", "status", "caption_status"),
+                ("caption", "caption", "caption"),
+                ("original", "original", "original"),
+            )
+        )
+        items.append(f'<div class="item">{img}{fields}</div>')
+    return '<h2>Gallery</h2>\n<div class="gallery">\n' + "\n".join(items) + "\n</div>"
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    "td:first-child,th:first-child{text-align:left}img.plot{max-width:100%;display:block;margin:1em 0}"
+    ".gallery{display:flex;flex-wrap:wrap;gap:12px}.item{width:280px;font-size:13px}"
+    ".item img{max-width:280px}.item p{margin:2px 0;white-space:pre-wrap}"
+)
+
+
+def write_report(
+    report_dir: Path,
+    stats: dict[str, NounStats],
+    *,
+    valid_threshold: int = VALID_THRESHOLD,
+    bucket_counts: dict[str, int] | None = None,
+    gallery: list[dict] | None = None,
+) -> Path:
+    """Write Table 1 (md + json), plots and ``index.html`` into ``report_dir``; returns the html path.
+
+    ``stats`` maps a dataset name (e.g. "original", "caption") to its merged counts, in table order.
+    ``bucket_counts`` maps an aspect-ratio bucket key ("0.57") to its image count. Gallery items are
+    ``{"key", "thumbnail_png": PNG bytes, "caption", "caption_status", "original"}``.
+    """
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    rows = [s.table1_row(name, valid_threshold) for name, s in stats.items()]
+    _write_table1_md(report_dir / "table1.md", rows, valid_threshold)
+    (report_dir / "table1.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+
+    plots = {
+        "noun_rank_frequency.png": "Noun frequency by rank (log-log)",
+        "nouns_per_image.png": "Nouns per image",
+        "top_nouns.png": f"Top {TOP_NOUNS} nouns",
+    }
+    _plot_rank_frequency(report_dir / "noun_rank_frequency.png", stats)
+    _plot_nouns_per_image(report_dir / "nouns_per_image.png", stats)
+    _plot_top_nouns(report_dir / "top_nouns.png", stats)
+    if bucket_counts is not None:
+        _plot_buckets(report_dir / "aspect_buckets.png", bucket_counts)
+        plots["aspect_buckets.png"] = "Aspect-ratio buckets"
+
+    counts_note = "".join(
+        f"<li>{html.escape(name)}: {s.empty:,} empty captions, {s.errors:,} errors</li>" for name, s in stats.items()
+    )
+    body = [
+        "<h1>Caption statistics</h1>",
+        f"<p>{html.escape(_rule_text(valid_threshold))}</p>",
+        "<h2>Table 1</h2>",
+        _html_table(rows),
+        f"<ul>{counts_note}</ul>",
+        "<h2>published in the PixArt-α paper</h2>",
+        _html_table(PAPER_ROWS),
+        "<h2>Plots</h2>",
+        *(f'<img class="plot" src="{f}" alt="{html.escape(alt)}">' for f, alt in plots.items()),
+        _gallery_html(report_dir, gallery or []),
+    ]
+    page = (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Caption statistics</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    index = report_dir / "index.html"
+    index.write_text(page, encoding="utf-8")  # last, so a report with an index is complete
+    return index

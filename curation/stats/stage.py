@@ -1,0 +1,201 @@
+"""Stats stage: `captions/` shards -> per-shard noun partials (`stats/NNNNN.json`) -> one merge -> `report/`.
+
+Map then reduce: each shard's partial `NounStats` (per caption field) is written beside the shards with a done
+marker, so a rerun only counts new shards, and the merge is exact whatever the split. Images are the samples that
+were captioned (status ok), so the "original" and "caption" rows describe the same images side by side.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import fsspec.implementations.local
+
+from curation.records import OK
+from curation.shards import StageDir, config_hash, write_json_atomic
+from curation.stats.nouns import VALID_THRESHOLD, NounExtractor, NounStats, count_captions, decode_caption
+from curation.stats.report import write_report
+
+STAGE = "stats"
+FIELDS = ("caption", "original")
+GALLERY_SIZE = 12
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    fields: tuple[str, ...] = FIELDS
+    valid_threshold: int = VALID_THRESHOLD
+    name: str | None = None  # dataset name in the report; default: the output folder's name
+
+    def semantics(self) -> dict[str, Any]:
+        # The threshold only shapes the merged report, not the per-shard partials.
+        return {"fields": list(self.fields)}
+
+
+class StatsStage:
+    def __init__(self, output: str, config: StatsConfig) -> None:
+        root = output.rstrip("/")
+        self.captions = StageDir(f"{root}/captions")
+        self.stage_dir = StageDir(f"{root}/{STAGE}")
+        self.config = config
+
+    def setup(self) -> None:
+        self.extractor = NounExtractor()
+
+    def process(self, shard: str, payload: None = None) -> dict[str, Any]:
+        rows = [r for r in self.captions.read_index(shard).to_pylist() if r["status"] == OK]
+        partial: dict[str, Any] = {"buckets_1024": {}}
+        invalid_utf8 = 0
+        if "caption" in self.config.fields:
+            # Captions are read from the tar's `.txt` members: they are what trainers read, and may be foreign bytes.
+            texts = []
+            for _, members in self.captions.iter_samples(shard):
+                text, invalid = decode_caption(members.get("txt", b""))
+                invalid_utf8 += invalid
+                texts.append(text)
+            partial["caption"] = count_captions(texts, extractor=self.extractor).to_json()
+        if "original" in self.config.fields:
+            originals = [r["original_caption"] for r in rows]
+            partial["original"] = count_captions(originals, extractor=self.extractor).to_json()
+        for r in rows:
+            partial["buckets_1024"][r["bucket_1024"]] = partial["buckets_1024"].get(r["bucket_1024"], 0) + 1
+        write_json_atomic(self.stage_dir.url.rstrip("/") + f"/{shard}.json", partial)
+        done = {
+            "stage": STAGE,
+            "shard": shard,
+            "rows": len(rows),
+            "config_hash": config_hash(self.config.semantics()),
+            "by_caption_bytes": {"invalid_utf8": invalid_utf8} if invalid_utf8 else {},
+        }
+        write_json_atomic(self.stage_dir.url.rstrip("/") + f"/{shard}.done.json", done)  # last
+        return done
+
+
+def merge_partials(output: str, fields: tuple[str, ...]) -> tuple[dict[str, NounStats], dict[str, int]]:
+    """Sum every done shard's partial: {field: NounStats}, and image counts per aspect-ratio bucket."""
+    stage = StageDir(f"{output.rstrip('/')}/{STAGE}")
+    totals = {f: NounStats() for f in fields}
+    buckets: dict[str, int] = {}
+    for shard in stage.done_shards():
+        with stage.fs.open(stage.path(f"{shard}.json"), "rb") as fh:
+            partial = json.load(fh)
+        for f in fields:
+            if f in partial:
+                totals[f] += NounStats.from_json(partial[f])
+        for key, n in partial.get("buckets_1024", {}).items():
+            buckets[key] = buckets.get(key, 0) + n
+    return totals, buckets
+
+
+def gallery(output: str, limit: int = GALLERY_SIZE) -> list[dict[str, Any]]:
+    """A few captioned samples with thumbnails, for a person to eyeball the captions next to their images."""
+    from PIL import Image
+
+    from curation.imaging import ImageDecodeError, decode_image
+
+    captions = StageDir(f"{output.rstrip('/')}/captions")
+    items: list[dict[str, Any]] = []
+    for shard in captions.done_shards():
+        for key, members in captions.iter_samples(shard):
+            record = json.loads(members["json"])
+            try:
+                image = decode_image(members[record["ext"]], target_size=(160, 160))
+            except ImageDecodeError:
+                continue
+            image.thumbnail((160, 160), Image.Resampling.LANCZOS)
+            png = io.BytesIO()
+            image.save(png, "PNG")
+            items.append(
+                {
+                    "key": key,
+                    "thumbnail_png": png.getvalue(),
+                    "caption": decode_caption(members.get("txt", b""))[0],
+                    "caption_status": record.get("caption_status"),
+                    "original": record.get("original_caption"),
+                }
+            )
+            if len(items) >= limit:
+                return items
+    return items
+
+
+def run_stats(output: str, config: StatsConfig, *, ray_address: str | None = None, progress: bool = True):
+    """Count nouns of every done caption shard on Ray, merge, and write `OUT/report/`."""
+    from curation.runner import Resources, run_stage
+
+    root = output.rstrip("/")
+    shards = StageDir(f"{root}/captions").done_shards()
+    summary = run_stage(
+        output=output,
+        stage_dir=StageDir(f"{root}/{STAGE}"),
+        make_stage=lambda: StatsStage(output, config),
+        tasks=[(s, None) for s in shards],
+        semantics=config.semantics(),
+        resources=Resources(num_cpus=1),
+        ray_address=ray_address,
+        progress=progress,
+    )
+    totals, buckets = merge_partials(output, config.fields)
+    name = config.name or os.path.basename(root) or "dataset"
+    names = {"caption": f"{name} (generated captions)", "original": f"{name} (original captions)"}
+    # Originals first: the paper's layout reads "LAION" then "LAION-LLaVA".
+    ordered = {names[f]: totals[f] for f in ("original", "caption") if f in config.fields}
+    report_dir = write_local_report(
+        f"{root}/report",
+        lambda local: write_report(
+            local, ordered, valid_threshold=config.valid_threshold, bucket_counts=buckets, gallery=gallery(output)
+        ),
+    )
+    return summary, report_dir
+
+
+def run_corpus_stats(
+    captions_file: str, name: str, output: str, *, column: str = "caption", valid_threshold: int = VALID_THRESHOLD
+) -> str:
+    """Table 1 of any caption corpus: JSONL with a `column` field per line, or parquet with that column."""
+    stats = count_captions(read_corpus(captions_file, column))
+    return write_local_report(
+        f"{output.rstrip('/')}/report",
+        lambda local: write_report(local, {name: stats}, valid_threshold=valid_threshold),
+    )
+
+
+def read_corpus(path: str, column: str):
+    """Captions of a corpus file, one per image; a missing or null field counts as an empty caption."""
+    fs, p = fsspec.core.url_to_fs(path)
+    if p.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fs.open(p, "rb") as fh:
+            table = pq.read_table(fh, columns=[column])
+        yield from table.column(column).to_pylist()
+        return
+    with fs.open(p, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            text, _ = decode_caption(raw)
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not a JSON line ({exc.msg})") from None
+            yield record.get(column) if isinstance(record, dict) else None
+
+
+def write_local_report(url: str, write) -> str:
+    """Render into a local folder (matplotlib writes files), then copy to `url` when it is remote."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return str(write(Path(path)))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        html = write(Path(tmp))
+        fs.put(tmp.rstrip("/") + "/", path, recursive=True)
+        return f"{url.rstrip('/')}/{Path(html).name}"

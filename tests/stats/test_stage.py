@@ -1,0 +1,67 @@
+import json
+
+from curation.records import Sample, samples_to_table
+from curation.shards import ShardWriter, StageDir
+from curation.stats.nouns import NounStats, count_captions, reference_nouns
+from curation.stats.stage import StatsConfig, run_corpus_stats, run_stats
+from tests.conftest import SHARED
+
+CORPUS = SHARED / "data" / "captions" / "coco_val2017_5005.jsonl"
+
+
+def _caption_shards(out, captions: list[dict], per_shard: int) -> None:
+    """Caption shards as the caption stage writes them, with COCO's human captions as the 'generated' text."""
+    stage = StageDir(f"{out}/captions")
+    for start in range(0, len(captions), per_shard):
+        samples = []
+        with ShardWriter(stage, f"{start // per_shard:05d}") as writer:
+            for c in captions[start : start + per_shard]:
+                s = Sample(key=c["key"], source="folder", source_id=c["key"], ext="jpg", caption=c["caption"])
+                s.original_caption = c["caption"].split(" ")[0]  # a deliberately poor "alt-text"
+                s.set_size(480, 640)
+                samples.append(s)
+                writer.add(s.key, {"jpg": b"", "txt": c["caption"].encode(), "json": s.to_json()})
+            writer.commit(samples_to_table(samples), {"stage": "captions"})
+
+
+def test_shards_on_ray_merge_to_the_single_process_totals(tmp_path, ray_local):
+    captions = [json.loads(line) for line in CORPUS.read_text().splitlines()]
+    out = tmp_path / "run"
+    _caption_shards(out, captions, per_shard=20)  # 251 shards
+    summary, html = run_stats(str(out), StatsConfig(), progress=False)
+    assert summary.shards_run == 251 and summary.samples == len(captions)
+    rows = {r["name"]: r for r in json.loads((out / "report" / "table1.json").read_text())}
+    single = count_captions(c["caption"] for c in captions).table1_row("run (generated captions)")
+    assert rows["run (generated captions)"] == single
+    assert rows["run (original captions)"]["images"] == len(captions)
+    assert (out / "report" / "aspect_buckets.png").stat().st_size > 0 and html.endswith("index.html")
+    # A rerun counts nothing again and reports the same numbers.
+    again, _ = run_stats(str(out), StatsConfig(), progress=False)
+    assert again.shards_run == 0
+    assert json.loads((out / "report" / "table1.json").read_text()) == list(rows.values())
+
+
+def test_invalid_utf8_in_a_shard_is_counted_not_fatal(tmp_path, ray_local):
+    out = tmp_path / "run"
+    _caption_shards(out, [{"key": "a", "caption": "A dog on a beach."}, {"key": "b", "caption": "x"}], 2)
+    # Rewrite shard 00000 with a caption holding invalid UTF-8 bytes, as a foreign tool might.
+    s = Sample(key="bad", source="folder", source_id="bad", ext="jpg", caption="?")
+    s.set_size(10, 10)
+    with ShardWriter(StageDir(f"{out}/captions"), "00000") as writer:
+        writer.add("bad", {"jpg": b"", "txt": b"A cat \xff\xfe on a mat.", "json": s.to_json()})
+        writer.commit(samples_to_table([s]), {"stage": "captions"})
+    summary, _ = run_stats(str(out), StatsConfig(fields=("caption",)), progress=False)
+    assert summary.counts["by_caption_bytes"] == {"invalid_utf8": 1}
+    row = json.loads((out / "report" / "table1.json").read_text())[0]
+    assert row["images"] == 1 and row["total_nouns"] >= 2  # cat, mat
+
+
+def test_corpus_report_matches_the_reference_counts(tmp_path):
+    html = run_corpus_stats(str(CORPUS), "COCO", str(tmp_path))
+    row = json.loads((tmp_path / "report" / "table1.json").read_text())[0]
+    reference = NounStats()
+    for line in CORPUS.read_text().splitlines():
+        reference.add_nouns(reference_nouns(json.loads(line)["caption"]))  # the plain NLTK rule, the oracle
+    assert row == reference.table1_row("COCO")
+    assert row["images"] == 5005 and 2 < row["nouns_per_image"] < 6
+    assert "COCO" in (tmp_path / "report" / "table1.md").read_text() and html.endswith("index.html")
