@@ -1,7 +1,8 @@
 """LLaVA captioner: a model stage holding AutoProcessor and the image-text-to-text model, loaded in setup().
 
 Works with any LLaVA-1.5 or LLaVA-NeXT checkpoint (Hub id or local folder), e.g. `llava-hf/llava-1.5-7b-hf`,
-and with the tiny random checkpoint from `curation.tiny.llava.build_tiny_llava`.
+and with the tiny random checkpoint from `curation.tiny.llava.build_tiny_llava`. `Captioner.from_loaded` wraps a
+model already in memory instead (bench/gpu_caption.py builds LLaVA-1.5-7B shapes with random weights on the GPU).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class CaptionConfig:
     revision: str | None = None
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default alone
     seed: int = 0  # reseeded before each generate() call when do_sample, so a rerun gives the same text
+    # Speed lever passed to generate(): "static" preallocates the KV cache, and transformers then compiles the
+    # decode step (torch.compile, CUDA graphs) on CUDA only. Off by default: the first call per batch shape pays
+    # a compile (~35 s at 7B), and a new batch size (a shard's short last batch) compiles again.
+    cache_implementation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +62,23 @@ class Captioner:
         self.dtype: Any = None
         self._prompt_text: str | None = None
         self._eos_ids: frozenset[int] = frozenset()
+        self._handed_in = False  # model came through from_loaded(), not from_pretrained(config.model)
+
+    @classmethod
+    def from_loaded(cls, config: CaptionConfig, model: Any, processor: Any) -> Captioner:
+        """A ready captioner around a LLaVA model and processor already in memory (no from_pretrained, no disk).
+
+        The model keeps its device and dtype; `config.device` and `num_threads` are not applied, and
+        `config.model` only names the model in provenance. The processor's tokenizer is switched to left padding.
+        """
+        captioner = cls(config)
+        captioner._adopt(model, processor, device=str(model.device), dtype=model.dtype)
+        captioner._handed_in = True
+        return captioner
 
     def setup(self) -> None:
+        if self.model is not None:  # already loaded (from_loaded, or setup twice): heavy state loads once
+            return
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -70,16 +90,19 @@ class Captioner:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         # bf16 is what LLaVA was trained in; CPUs without fast bf16 kernels are far quicker in fp32.
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        self.processor = AutoProcessor.from_pretrained(cfg.model, revision=cfg.revision)
+        processor = AutoProcessor.from_pretrained(cfg.model, revision=cfg.revision)
         # The Auto class resolves LLaVA-1.5 to LlavaForConditionalGeneration and NeXT to its own class.
-        self.model = AutoModelForImageTextToText.from_pretrained(
+        model = AutoModelForImageTextToText.from_pretrained(
             cfg.model, revision=cfg.revision, dtype=dtype, attn_implementation="sdpa"
         ).to(device)
-        self.model.eval()
+        self._adopt(model, processor, device=device, dtype=dtype)
+
+    def _adopt(self, model: Any, processor: Any, *, device: str, dtype: Any) -> None:
+        self.model, self.processor = model.eval(), processor
         # Decoder-only generation appends on the right, so prompts of different lengths pad on the left.
         self.processor.tokenizer.padding_side = "left"
         self.device, self.dtype = device, dtype
-        self._prompt_text = self.format_prompt(cfg.prompt)
+        self._prompt_text = self.format_prompt(self.config.prompt)
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.processor.tokenizer.eos_token_id
@@ -142,6 +165,8 @@ class Captioner:
             repetition_penalty=cfg.repetition_penalty,
             pad_token_id=self.processor.tokenizer.pad_token_id,
         )
+        if cfg.cache_implementation is not None:  # None leaves the model's generation_config in charge
+            kwargs["cache_implementation"] = cfg.cache_implementation
         if cfg.do_sample:  # passing them to greedy search only earns a warning
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
             torch.manual_seed(cfg.seed)
@@ -190,6 +215,8 @@ class Captioner:
         known = getattr(self.model.config, "_commit_hash", None)
         if known:
             return known
+        if self._handed_in:
+            return None  # config.model need not name a Hub repo: nothing to look up
         from transformers.utils.hub import cached_file, extract_commit_hash
 
         try:  # from_pretrained already cached config.json under snapshots/<commit>/

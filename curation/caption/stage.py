@@ -27,9 +27,9 @@ class CaptionStageConfig:
     workers: int | None = None  # actors; default one per GPU, or per free CPU without GPUs
 
     def semantics(self) -> dict:
-        """Model, prompt and generation parameters decide the captions; batch size and threads do not."""
+        """Model, prompt and generation parameters decide the captions; batch size, threads, cache kind do not."""
         model = asdict(self.model)
-        for volatile in ("batch_size", "device", "num_threads"):
+        for volatile in ("batch_size", "device", "num_threads", "cache_implementation"):
             model.pop(volatile)
         return model
 

@@ -1,0 +1,13 @@
+"""Ray job: `curation caption` on a cluster.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/caption.py --output s3://bucket/run ...
+
+Inside a submitted job `ray.init()` joins the cluster the job runs on; outside one, an embedded local Ray starts.
+"""
+
+import sys
+
+from curation.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["caption", *sys.argv[1:]]))
