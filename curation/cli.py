@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from curation.caption.model import DEFAULT_PROMPT
 from curation.caption.stage import DEFAULT_MODEL
+from curation.features.stage import DEFAULT_T5, DEFAULT_VAE
 from curation.runner import SetupError
 from curation.sources import SOURCES, SourceError
 
@@ -67,9 +68,114 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None)
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("features", help="captions/ -> T5 text features and VAE latents in sidecar shards")
+    _common(p)
+    _feature_args(p)
+
+    p = sub.add_parser("export-pixart", help="feature shards -> PixArt-alpha's InternData/InternImgs layout")
+    p.add_argument("--output", required=True, help="the run's output folder")
+    p.add_argument("--to", required=True, help="the InternData folder to write (its path must name InternData once)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--multiscale", action="store_true", help="export the multi-scale (bucketed) latents")
+
+    p = sub.add_parser("run", help="ingest -> caption -> stats -> features in one go, each stage resumable")
+    _common(p)
+    p.add_argument("--source", required=True, choices=sorted(SOURCES))
+    p.add_argument("--input", required=True)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--caption-model", default=DEFAULT_MODEL, help=f"LLaVA Hub id or folder (default {DEFAULT_MODEL})")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--caption-batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    _feature_args(p)
+
     p = sub.add_parser("make-tiny-models", help="build tiny random LLaVA, T5 and VAE checkpoints (tests, demo)")
     p.add_argument("folder")
     return parser
+
+
+def _feature_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--t5", default=DEFAULT_T5, help=f"T5 encoder Hub id or folder (default {DEFAULT_T5})")
+    p.add_argument("--max-length", type=int, default=120, help="T5 tokens (120 for PixArt-alpha, 300 for Sigma)")
+    p.add_argument("--vae", default=DEFAULT_VAE, help=f"AutoencoderKL Hub id or folder (default {DEFAULT_VAE})")
+    p.add_argument("--resolutions", default="256,512,1024", help="comma-separated bucket bases")
+    p.add_argument("--multiscale", action="store_true", help="latents at each image's aspect-ratio bucket")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="T5 feature storage")
+    p.add_argument("--field", choices=["caption", "original"], default="caption", help="which caption to encode")
+    p.add_argument("--feature-device", default="auto", choices=["auto", "cuda", "cpu"])
+
+
+def _features_config(args: argparse.Namespace):
+    from curation.features.stage import FeaturesConfig
+
+    return FeaturesConfig(
+        t5=args.t5,
+        vae=args.vae,
+        max_length=args.max_length,
+        resolutions=tuple(int(r) for r in args.resolutions.split(",") if r.strip()),
+        multiscale=args.multiscale,
+        dtype=args.dtype,
+        field=args.field,
+        device=args.feature_device,
+    )
+
+
+@command("features")
+def _features(args: argparse.Namespace) -> int:
+    from curation.features.stage import run_features
+
+    summary = run_features(
+        args.output,
+        _features_config(args),
+        ray_address=args.ray_address,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    _print_summary(summary)
+    print(f"features: {args.output.rstrip('/')}/features/")
+    return 0
+
+
+@command("export-pixart")
+def _export_pixart(args: argparse.Namespace) -> int:
+    from curation.export.pixart import export_pixart
+
+    counts = export_pixart(args.output, args.to, args.resolution, args.multiscale)
+    print("[export-pixart] " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    print(f"PixArt InternData: {args.to}")
+    return 0
+
+
+@command("run")
+def _run(args: argparse.Namespace) -> int:
+    from curation.caption.model import CaptionConfig
+    from curation.caption.stage import CaptionStageConfig
+    from curation.ingest import IngestConfig
+    from curation.pipeline import run_pipeline
+    from curation.stats.stage import StatsConfig
+
+    caption = CaptionStageConfig(
+        model=CaptionConfig(
+            model=args.caption_model,
+            prompt=args.prompt,
+            batch_size=args.caption_batch_size,
+            max_new_tokens=args.max_new_tokens,
+        )
+    )
+    summaries, report = run_pipeline(
+        args.output,
+        IngestConfig(source=args.source, input=args.input, shard_size=args.shard_size),
+        caption,
+        StatsConfig(),
+        _features_config(args),
+        ray_address=args.ray_address,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    for summary in summaries:
+        _print_summary(summary)
+    print(f"output: {args.output}\nreport: {report}")
+    return 0
 
 
 @command("make-tiny-models")

@@ -2,8 +2,11 @@
 
 Every stage is a class with `setup()` (load models once) and `process(shard, payload) -> done summary`; the runner
 holds one such object per Ray actor. Pure CPU stages have an empty `setup()`, so one code path serves all stages,
-with the same retry rule: an actor that dies (OOM, lost node, SIGKILL) is restarted and its shard is run again from
-scratch; the atomic shard writer guarantees the half-done attempt never became visible.
+with the same retry rule: when an actor dies (OOM, lost node, SIGKILL) its shard goes back to the queue and runs
+again from scratch on whichever actor is free; the atomic shard writer guarantees the half-done attempt never became
+visible. The dead actor is restarted by Ray and rejoins the pool once it answers, so a cluster that lost a node for
+good still finishes on the nodes it has left. An error raised by a shard (disk full, unwritable output) stops the
+handing out of shards; the ones in flight finish, then the run fails with one line naming the shard.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +31,18 @@ from curation.shards import StageDir, config_hash, write_json_atomic
 
 
 class SetupError(RuntimeError):
-    """A problem with the run itself (lock held, config changed, no GPU): fail loudly, nothing was written."""
+    """A problem with the run itself, the user's to fix (lock held, config changed, no GPU): one line, no traceback."""
+
+
+class ShardError(SetupError):
+    """A shard failed for a reason outside the code (disk full, unwritable output, no model): the run stopped.
+
+    Shards done before it stay done; the failed one left nothing visible, so a rerun after the fix resumes.
+    """
+
+
+# Errors a shard raises that are the environment's, not a bug: reported in one line. Anything else keeps its traceback.
+_USER_ERRORS = (OSError, ValueError, ImportError, SetupError)
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,7 @@ class RunSummary:
     samples_run: int = 0
     samples: int = 0  # all shards of the stage, skipped ones included
     seconds: float = 0.0
+    retried: int = 0  # shard attempts lost with their worker (killed, out of memory, node lost) and run again
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # every `by_*` tally of the done markers
 
     @property
@@ -74,7 +90,9 @@ class RunSummary:
             f"(of {self.shards_total}); {self.samples_run} samples in {self.seconds:.1f}s ({rate:.1f}/s); "
             f"{self.samples} samples in all",
         ]
-        for name, tally in sorted(self.counts.items()):
+        if self.retried:
+            out.append(f"[{self.stage}] {self.retried} shard attempt(s) lost with their worker and run again")
+        for name, tally in sorted((n, t) for n, t in self.counts.items() if t):
             label = "failures by reason" if name == "by_reason" else name.removeprefix("by_").replace("_", " ")
             items = sorted(tally.items(), key=lambda kv: (-kv[1], kv[0]))
             out.append(f"[{self.stage}] {label}: " + ", ".join(f"{k}={v}" for k, v in items))
@@ -91,6 +109,20 @@ def pending_shards(stage_dir: StageDir, shards: list[str], chash: str, force: bo
             f"(e.g. {changed[0]}); use a new output folder, or --force to redo them with the new one"
         )
     return [s for s in shards if s not in done or s in changed]
+
+
+def drop_stale_shards(stage_dir: StageDir, shards: list[str], chash: str) -> list[str]:
+    """With --force: remove done shards of another config that the new plan does not redo.
+
+    A smaller shard count (a larger --shard-size) leaves the old plan's last shards behind; kept, their keys would
+    appear twice in the stage, once in a redone shard and once in the stale one.
+    """
+    planned = set(shards)
+    outside = [s for s in stage_dir.done_shards() if s not in planned]
+    stale = [s for s in outside if stage_dir.read_done(s).get("config_hash") != chash]
+    for shard in stale:
+        stage_dir.remove_shard(shard)
+    return stale
 
 
 @contextlib.contextmanager
@@ -132,6 +164,7 @@ def record_run_config(output: str, stage: str, config: dict[str, Any]) -> None:
     """OUT/run_config.json keeps the resolved config of each stage's latest run (nanoGPT-style)."""
     url = f"{output.rstrip('/')}/run_config.json"
     fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path)  # object-store listings are cached per process; another run may have written it
     current = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
     current.setdefault("stages", {})[stage] = {
         **config,
@@ -175,14 +208,42 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
 
 
 class _StageActor:
-    """Holds one stage object for the actor's life: models load once per actor, not once per shard."""
+    """Holds one stage object for the actor's life: models load once per actor, not once per shard.
+
+    The stage is built and set up by the first shard rather than in `__init__`: an error there then reaches the
+    driver as the task's own exception (a missing model is one clear line), not as an actor that died in creation.
+    """
 
     def __init__(self, make_stage: Callable[[], Any]) -> None:
-        self.stage = make_stage()
-        self.stage.setup()
+        self._make_stage = make_stage
+        self.stage: Any = None
+
+    def ready(self) -> int:
+        return os.getpid()
 
     def process(self, shard: str, payload: Any) -> dict[str, Any]:
+        if self.stage is None:
+            try:
+                stage = self._make_stage()
+                stage.setup()
+            except _USER_ERRORS as exc:
+                raise SetupError(f"worker setup failed: {type(exc).__name__}: {exc}") from exc
+            self.stage = stage
         return self.stage.process(shard, payload)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _task_failure(name: str, shard: str, exc: Exception) -> Exception:
+    """The exception that ends the run for a shard that raised: one line for the environment's errors."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, SetupError):
+        return ShardError(f"[{name}] {_one_line(cause)}")
+    if isinstance(cause, _USER_ERRORS):
+        return ShardError(f"[{name}] shard {shard} failed: {_one_line(cause)}")
+    return exc  # a bug: keep Ray's traceback
 
 
 def run_shards(
@@ -195,8 +256,14 @@ def run_shards(
     max_retries: int = 3,
     progress: bool = True,
 ) -> RunSummary:
-    """Run `tasks` ([(shard, payload)]) on a pool of actors; returns the summary of the shards run."""
+    """Run `tasks` ([(shard, payload)]) on a pool of actors; returns the summary of the shards run.
+
+    A shard whose actor dies is queued again, at most `max_retries` times. Retries are the runner's, not Ray's
+    (`max_task_retries=0`): Ray would hold the shard for the same actor until it restarts, which never happens
+    when its node is gone and the rest of the cluster is full.
+    """
     import ray
+    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
     from tqdm import tqdm
 
     summary = RunSummary(name, shards_total=shards_total, shards_skipped=shards_total - len(tasks))
@@ -207,31 +274,68 @@ def run_shards(
     actor_cls = ray.remote(
         num_cpus=resources.num_cpus,
         num_gpus=num_gpus,
-        max_restarts=-1,  # a dead actor comes back and takes its shard again ...
-        max_task_retries=max_retries,  # ... up to this many times per shard
+        max_restarts=-1,  # a dead actor comes back (on any node with room) and rejoins the pool
+        max_task_retries=0,  # ... but its shard is requeued by us, for any free actor
     )(_StageActor)
     actors = [actor_cls.remote(make_stage) for _ in range(n_workers)]
-    queue = list(reversed(tasks))
-    in_flight: dict[Any, Any] = {}
+    queue: deque[tuple[str, Any]] = deque(tasks)
+    idle = list(reversed(actors))
+    working: dict[Any, tuple[Any, str, Any]] = {}  # task ref -> (actor, shard, payload)
+    waking: dict[Any, Any] = {}  # ready() ref -> an actor restarting after its death
+    lost: dict[str, int] = {}
+    failure: Exception | None = None
     bar = tqdm(total=len(tasks), desc=f"{name} shards", unit="shard", disable=not progress, file=sys.stderr)
     try:
-        for actor in actors:
-            if queue:
-                shard, payload = queue.pop()
-                in_flight[actor.process.remote(shard, payload)] = actor
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            actor = in_flight.pop(ready[0])
-            done = ray.get(ready[0])
+        while working or (queue and failure is None):
+            while queue and idle and failure is None:
+                actor = idle.pop()
+                shard, payload = queue.popleft()
+                working[actor.process.remote(shard, payload)] = (actor, shard, payload)
+            if not working and not waking:
+                raise SetupError(f"[{name}] every worker is gone; {len(queue)} shard(s) were not run")
+            # With nothing in flight this waits for a restarted actor: on a cluster with no room left for one,
+            # that is as long as it takes a node to join.
+            ready, _ = ray.wait([*working, *waking], num_returns=1)
+            ref = ready[0]
+            if ref in waking:
+                actor = waking.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                except ActorDiedError:
+                    pass  # gone for good (killed, or its constructor failed): the pool shrinks
+                except RayActorError:
+                    waking[actor.ready.remote()] = actor  # still restarting: ask again
+                continue
+            actor, shard, payload = working.pop(ref)
+            try:
+                done = ray.get(ref)
+            except RayActorError as exc:
+                # The worker died mid-shard: what it wrote were temporaries, so the shard simply runs again.
+                lost[shard] = lost.get(shard, 0) + 1
+                summary.retried += 1
+                if lost[shard] > max_retries:
+                    failure = failure or ShardError(
+                        f"[{name}] shard {shard} lost its worker {lost[shard]} times "
+                        f"(out of memory? lost nodes?); last: {_one_line(exc)[:300]}"
+                    )
+                else:
+                    queue.appendleft((shard, payload))
+                waking[actor.ready.remote()] = actor
+                continue
+            except RayTaskError as exc:
+                failure = failure or _task_failure(name, shard, exc)  # let the shards in flight finish first
+                idle.append(actor)
+                continue
             summary.add(done)
             summary.samples_run += done.get("rows", 0)
             summary.shards_run += 1
             elapsed = time.time() - started
             bar.set_postfix(samples=summary.samples_run, per_s=f"{summary.samples_run / max(elapsed, 1e-9):.1f}")
             bar.update(1)
-            if queue:
-                shard, payload = queue.pop()
-                in_flight[actor.process.remote(shard, payload)] = actor
+            idle.append(actor)
+        if failure is not None:
+            raise failure
     finally:
         bar.close()
         for actor in actors:
@@ -285,16 +389,24 @@ def run_stage(
         for directory in (stage_dir, *sidecar_dirs):
             directory.remove_stale_temporaries()
             todo |= set(pending_shards(directory, shards, chash, force))
-        record_run_config(output, stage_dir.url.rstrip("/").rsplit("/", 1)[-1], {**semantics, "config_hash": chash})
-        with ray_session(ray_address):
-            summary = run_shards(
-                stage_dir.url.rstrip("/").rsplit("/", 1)[-1],
-                make_stage,
-                [t for t in tasks if t[0] in todo],
-                resources,
-                shards_total=len(tasks),
-                progress=progress,
-            )
+            if force:
+                drop_stale_shards(directory, shards, chash)
+        name = stage_dir.url.rstrip("/").rsplit("/", 1)[-1]
+        record_run_config(output, name, {**semantics, "config_hash": chash})
+        pending = [t for t in tasks if t[0] in todo]
+        try:
+            if pending:
+                with ray_session(ray_address):
+                    summary = run_shards(
+                        name, make_stage, pending, resources, shards_total=len(tasks), progress=progress
+                    )
+            else:  # a finished stage: no cluster to start or connect to
+                summary = RunSummary(name, shards_total=len(tasks), shards_skipped=len(tasks))
+        finally:
+            # The workers are finished or killed: a temporary left now is a dead attempt's (a retried shard's).
+            for directory in (stage_dir, *sidecar_dirs):
+                with contextlib.suppress(OSError):
+                    directory.remove_stale_temporaries()
         done = set(stage_dir.done_shards())
         for shard in shards:
             if shard not in todo and shard in done:

@@ -5,13 +5,16 @@ Layout of one stage folder (`OUT/images/`, `OUT/captions/`, `OUT/features/t5/`, 
     NNNNN.parquet    one row per sample, failed ones included
     NNNNN.done.json  written last: counts, timing, config hash. A shard without it does not exist.
 
-Local outputs are written to a hidden temporary name in the same folder and renamed (atomic on POSIX). Object
-stores (s3://, gs://) create an object atomically on upload, so the tar and index are uploaded to their final
-names; the done marker, uploaded last, is what makes the shard visible either way.
+Local outputs are written to a hidden temporary name in the same folder (`.tmp-*`, never listed as a shard) and
+renamed (atomic on POSIX). Object stores (s3://, gs://) create an object atomically on upload, so the tar and index
+are uploaded to their final names; the done marker, uploaded last, is what makes the shard visible either way.
+A write that fails (disk full, unwritable output, lost credentials) removes what it had published of its shard and
+raises `ShardWriteError` naming the file, so a failed shard leaves nothing behind but, at most, a hidden temporary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -31,6 +34,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TMP_PREFIX = ".tmp-"
+
+
+class ShardWriteError(OSError):
+    """A shard could not be written; the message names the file and the cause (e.g. no space left on device)."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +63,7 @@ class StageDir:
 
     def done_shards(self) -> list[str]:
         """Names (`00042`) of the shards whose done marker exists, sorted."""
-        fs = self.fs
-        if not fs.exists(self.root):
-            return []
-        names = [p.rsplit("/", 1)[-1] for p in fs.ls(self.root, detail=False)]
+        names = [p.rsplit("/", 1)[-1] for p in self._listing()]
         return sorted(
             n.removesuffix(".done.json") for n in names if n.endswith(".done.json") and not n.startswith(TMP_PREFIX)
         )
@@ -89,12 +93,30 @@ class StageDir:
                 yield key, members
 
     def remove_stale_temporaries(self) -> None:
-        """Temporaries left by a killed run; never visible as shards, removed so they do not pile up."""
+        """Temporaries left by a killed writer; never visible as shards, removed so they do not pile up.
+
+        Only safe while no writer of this folder runs: the runner calls it under the output lock, before and after
+        its workers.
+        """
+        for p in self._listing():
+            if p.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
+                self.fs.rm(p, recursive=True)
+
+    def remove_shard(self, shard: str) -> None:
+        """Unpublish a shard: its done marker first, so it is never seen done without its files."""
         fs = self.fs
-        if fs.exists(self.root):
-            for p in fs.ls(self.root, detail=False):
-                if p.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
-                    fs.rm(p)
+        for name in (f"{shard}.done.json", f"{shard}.tar", f"{shard}.parquet"):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(self.path(name))
+
+    def _listing(self) -> list[str]:
+        # s3fs/gcsfs cache listings for the life of the (shared, cached) filesystem object; shards are written by
+        # other processes, so a cached listing would hide new shards or show removed ones.
+        fs = self.fs
+        fs.invalidate_cache(self.root)
+        if not fs.exists(self.root):
+            return []
+        return fs.ls(self.root, detail=False)
 
 
 def config_hash(semantics: dict[str, Any]) -> str:
@@ -110,15 +132,30 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 class ShardWriter:
-    """Write one shard: samples into a local temporary tar, then `commit()` publishes tar, index, done marker."""
+    """Write one shard: `add()` samples, then `commit()` publishes tar, index and done marker, in that order.
+
+    Local folders: the tar grows under a hidden temporary name beside its final one (no second copy of the bytes;
+    a killed writer's temporary is removed by the next run). Object stores: it grows in a local temporary folder
+    and is uploaded whole on commit.
+    """
 
     def __init__(self, stage: StageDir, shard: str) -> None:
         self.stage, self.shard = stage, shard
         self._started = time.time()
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="curation-shard-")
-        self._tar_path = Path(self._tmpdir.name) / f"{shard}.tar"
-        self._tar = tarfile.open(self._tar_path, "w", format=tarfile.GNU_FORMAT)
         self._keys: set[str] = set()
+        self._scratch: tempfile.TemporaryDirectory | None = None
+        self._closed = False
+        try:
+            if stage.is_local:
+                os.makedirs(stage.root, exist_ok=True)
+                self._tar_path = Path(stage.path(_tmp_name(f"{shard}.tar")))
+            else:
+                self._scratch = tempfile.TemporaryDirectory(prefix="curation-shard-")
+                self._tar_path = Path(self._scratch.name) / f"{shard}.tar"
+            self._tar = tarfile.open(self._tar_path, "w", format=tarfile.GNU_FORMAT)
+        except OSError as exc:
+            self._cleanup()
+            raise _write_error(stage.path(f"{shard}.tar"), exc) from exc
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         """Add one sample's members ({"jpg": ..., "json": ...}); a key may be written once."""
@@ -127,13 +164,15 @@ class ShardWriter:
         if "." in key or "/" in key:
             raise ValueError(f"unsafe key {key!r}: keys may not contain dots or slashes")
         self._keys.add(key)
-        for ext in sorted(members):
-            data = members[ext]
-            self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        try:
+            for ext in sorted(members):
+                data = members[ext]
+                self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        except OSError as exc:
+            raise _write_error(self.stage.path(f"{self.shard}.tar"), exc) from exc
 
     def commit(self, index: pa.Table, done: dict[str, Any]) -> dict[str, Any]:
         """Publish the shard: tar, then parquet index, then the done marker (last, so it marks completeness)."""
-        self._tar.close()
         index_buf = io.BytesIO()
         pq.write_table(index, index_buf, compression="zstd")
         done = {
@@ -143,15 +182,31 @@ class ShardWriter:
             "seconds": round(time.time() - self._started, 3),
             **done,
         }
-        self._publish_file(self._tar_path, f"{self.shard}.tar")
-        self._publish_bytes(index_buf.getvalue(), f"{self.shard}.parquet")
-        self._publish_bytes(json.dumps(done, indent=1, sort_keys=True).encode(), f"{self.shard}.done.json")
-        self._tmpdir.cleanup()
+        names = [f"{self.shard}.tar", f"{self.shard}.parquet", f"{self.shard}.done.json"]
+        published: list[str] = []
+        current = names[0]
+        try:
+            self._tar.close()
+            # Redoing a shard (--force): its old marker must not vouch for the new tar while it is being replaced.
+            self._remove(names[2])
+            self._publish_file(self._tar_path, names[0])
+            published.append(names[0])
+            current = names[1]
+            self._publish_bytes(index_buf.getvalue(), names[1])
+            published.append(names[1])
+            current = names[2]
+            self._publish_bytes(json.dumps(done, indent=1, sort_keys=True).encode(), names[2])
+            self._sync_folder()
+        except OSError as exc:
+            for name in reversed(published):  # leave no half shard behind: a tar without its index is noise
+                self._remove(name)
+            raise _write_error(self.stage.path(current), exc) from exc
+        finally:
+            self._cleanup()
         return done
 
     def abort(self) -> None:
-        self._tar.close()
-        self._tmpdir.cleanup()
+        self._cleanup()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -160,24 +215,67 @@ class ShardWriter:
         if exc_type is not None:
             self.abort()
 
+    def _cleanup(self) -> None:
+        """Close and remove this writer's temporaries; safe to call twice (commit, then the `with` block)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError, AttributeError, tarfile.TarError):
+            self._tar.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
+        elif hasattr(self, "_tar_path"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._tar_path)
+
+    def _remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.stage.fs.rm(self.stage.path(name))
+
     def _publish_file(self, local: Path, name: str) -> None:
         stage = self.stage
         if stage.is_local:
-            os.makedirs(stage.root, exist_ok=True)
-            tmp = stage.path(f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
-            with open(local, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, stage.path(name))
+            with open(local, "rb+") as f:  # durable before it is renamed into view
+                os.fsync(f.fileno())
+            os.replace(local, stage.path(name))
         else:
             stage.fs.put_file(str(local), stage.path(name))
 
     def _publish_bytes(self, data: bytes, name: str) -> None:
-        local = Path(self._tmpdir.name) / name
-        local.write_bytes(data)
-        self._publish_file(local, name)
+        stage = self.stage
+        if not stage.is_local:
+            stage.fs.pipe_file(stage.path(name), data)  # one PUT: the object appears whole or not at all
+            return
+        tmp = stage.path(_tmp_name(name))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, stage.path(name))
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+
+    def _sync_folder(self) -> None:
+        # The renames themselves live in the folder's entry list: sync it so a power cut keeps the done marker.
+        if self.stage.is_local:
+            fd = os.open(self.stage.root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _tmp_name(name: str) -> str:
+    return f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+
+
+def _write_error(path: str, exc: OSError) -> ShardWriteError:
+    error = ShardWriteError(f"cannot write {path}: {exc.strerror or exc or type(exc).__name__}")
+    error.errno = exc.errno  # callers may still test for ENOSPC, EROFS, ...
+    return error
 
 
 def write_json_atomic(url: str, payload: dict[str, Any]) -> None:

@@ -1,0 +1,1 @@
+"""Exports of the curated shards to layouts that trainers read as they are (`pixart`: PixArt-alpha)."""

@@ -1,0 +1,37 @@
+"""A tiny random `AutoencoderKL` built offline, loadable exactly like `stabilityai/sd-vae-ft-ema`.
+
+Same class and block types as SD's VAE, with 4 latent channels and 4 down blocks: diffusers downsamples
+between blocks (2 ** (blocks - 1)), so the latent is H/8 x W/8 as with the real VAE. Only the widths are tiny.
+Seeded: two builds are identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BLOCK_OUT_CHANNELS = (4, 8, 8, 8)  # SD: (128, 256, 512, 512)
+LATENT_CHANNELS = 4
+DOWNSAMPLE = 2 ** (len(BLOCK_OUT_CHANNELS) - 1)  # 8, like SD
+
+
+def build_tiny_vae(path: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random AutoencoderKL (config.json + safetensors) to `path` and return it."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(BLOCK_OUT_CHANNELS),
+            up_block_types=("UpDecoderBlock2D",) * len(BLOCK_OUT_CHANNELS),
+            block_out_channels=BLOCK_OUT_CHANNELS,
+            layers_per_block=1,
+            latent_channels=LATENT_CHANNELS,
+            norm_num_groups=4,  # must divide every block width
+            sample_size=256,
+        ).eval()
+    vae.save_pretrained(path)
+    return path

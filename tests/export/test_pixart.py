@@ -1,0 +1,121 @@
+"""The export against a re-implementation of PixArt-alpha's reader, written from the trainer contract doc."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from curation.export.pixart import export_pixart
+from curation.features.stage import FeaturesConfig, FeaturesStage
+from curation.shards import StageDir
+from curation.tiny.t5 import build_tiny_t5
+from curation.tiny.vae import build_tiny_vae
+from tests.features import make_caption_shards
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+ASPECT_RATIOS = json.loads((SHARED / "reference" / "pixart_aspect_ratios.json").read_text())
+MAX_LENGTH = 16
+
+
+def pixart_entries(root: str, resolution: int, multiscale: bool):
+    """PixArt's InternalData / InternalDataMS path logic: (entry, image, T5 npz, VAE npy, expected h x w)."""
+    meta = json.load(
+        open(os.path.join(root, "partition_filter" if multiscale else "partition", "data_info.json"))
+    )
+    assert isinstance(meta, list)
+    vae_dir = (
+        f"img_vae_fatures_{resolution}_multiscale/ms"
+        if multiscale
+        else f"img_vae_features_{resolution}resolution/noflip"
+    )
+    for item in [m for m in meta if m["ratio"] <= 4]:
+        k = "_".join(item["path"].rsplit("/", 1))
+        if multiscale:  # get_closest_ratio over the published table, from the JSON height/width
+            ratios = ASPECT_RATIOS[str(resolution)]
+            closest = min(ratios, key=lambda r: abs(float(r) - item["height"] / item["width"]))
+            size = tuple(int(x) for x in ratios[closest])
+        else:
+            size = (resolution, resolution)
+        yield (
+            item,
+            os.path.join(root.replace("InternData", "InternImgs"), item["path"]),
+            os.path.join(root, "caption_feature_wmask", k.replace(".png", ".npz")),
+            os.path.join(root, vae_dir, k.replace(".png", ".npy")),
+            size,
+        )
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    t5, vae = build_tiny_t5(root / "t5"), build_tiny_vae(root / "vae")
+    out = root / "out"
+    outcomes = make_caption_shards(out, n_ok=3, per_shard=4)
+    for multiscale in (True, False):
+        config = FeaturesConfig(
+            str(t5), str(vae), max_length=MAX_LENGTH, resolutions=(256,), multiscale=multiscale
+        )
+        stage = FeaturesStage(str(out), config)
+        stage.setup()
+        for shard in StageDir(f"{out}/captions").done_shards():
+            stage.process(shard)
+    return out, outcomes
+
+
+@pytest.mark.parametrize("multiscale", [False, True])
+def test_every_index_entry_resolves_to_files_of_the_exact_shapes(tmp_path, output, multiscale):
+    out, outcomes = output
+    root = tmp_path / "pixart" / "InternData"
+    counts = export_pixart(str(out), root, 256, multiscale)
+    ok = sorted(k for k, o in outcomes.items() if o == "ok")
+    assert counts == {
+        "entries": len(ok),
+        "left_out_ratio": 1,
+        "failed": 3,
+        "shards": 2,
+        "shards_without_features": 0,
+    }
+    entries = list(pixart_entries(str(root), 256, multiscale))
+    assert sorted(e[0]["path"] for e in entries) == [f"{k}.png" for k in ok]
+    for item, image, npz, npy, (h, w) in entries:
+        assert set(item) == {"path", "prompt", "height", "width", "ratio"} and item["prompt"]
+        assert item["ratio"] == item["height"] / item["width"]
+        assert "/" not in item["path"] and item["path"].count(".") == 1
+        with Image.open(image) as im:  # the original JPEG bytes; Pillow opens by content
+            assert im.size == (item["width"], item["height"])
+        with np.load(npz, allow_pickle=False) as z:
+            feat, mask = z["caption_feature"], z["attention_mask"]
+        assert feat.shape == (1, MAX_LENGTH, 32) and feat.dtype == np.float32
+        assert mask.shape == (1, MAX_LENGTH) and set(np.unique(mask)) <= {0, 1}
+        n = int(mask.sum())
+        assert n >= 1 and mask[0, :n].all() and (np.abs(feat[0, :n]).sum(-1) > 0).all()
+        latent = np.load(npy, allow_pickle=False)
+        assert latent.shape == (8, h // 8, w // 8) and latent.dtype == np.float32
+    other = "partition" if multiscale else "partition_filter"
+    assert not (root / other).exists()
+
+
+def test_png_reencoding_and_reexport_are_clean(tmp_path, output):
+    out, _ = output
+    root = tmp_path / "InternData"
+    first = export_pixart(str(out), root, 256, False, reencode_png=True)
+    second = export_pixart(str(out), root, 256, False, reencode_png=True)
+    assert first == second
+    images = sorted((tmp_path / "InternImgs").iterdir())
+    assert len(images) == first["entries"] and not any(p.name.startswith(".") for p in root.rglob("*"))
+    with Image.open(images[0]) as im:
+        assert im.format == "PNG"
+
+
+@pytest.mark.parametrize("bad", ["pixart", "InternData/x/InternData"])
+def test_the_folder_must_name_interndata_once(tmp_path, output, bad):
+    with pytest.raises(ValueError, match="exactly once"):
+        export_pixart(str(output[0]), tmp_path / bad, 256, False)
+
+
+def test_missing_features_are_a_clear_error(tmp_path, output):
+    with pytest.raises(FileNotFoundError, match="curation features"):
+        export_pixart(str(output[0]), tmp_path / "InternData", 512, False)

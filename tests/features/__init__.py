@@ -1,0 +1,93 @@
+"""Builders shared by the feature, export and loader tests: caption shards made from real COCO photos."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from curation.imaging import header_size
+from curation.records import Sample, samples_to_table
+from curation.shards import ShardWriter, StageDir
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+COCO = SHARED / "data" / "coco"
+
+CAPTIONS = [
+    "A photo of a dog on a bench in the park.",
+    "Two people walking down a busy street at night with neon signs and taxis, seen from above.",
+    "A plate of food.",
+    "<b>A KITCHEN</b> with white tiles, see https://example.com/kitchen for more",
+    "a cat",
+]
+
+
+def tall_jpeg(photo: Path) -> bytes:
+    """A real photo cut to 500 x 100 (h/w = 5 > 4): PixArt's trainer drops such entries."""
+    with Image.open(photo) as im:
+        strip = im.convert("RGB").crop((0, 0, 100, min(im.height, 500))).resize((100, 500))
+    buf = io.BytesIO()
+    strip.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_caption_shards(output: Path, n_ok: int = 6, per_shard: int = 5) -> dict[str, str]:
+    """Write OUT/captions shards like the caption stage does; returns {key: expected outcome}.
+
+    Outcomes: "ok", "tall" (h/w = 5), "failed_upstream", "no_caption" (has an original caption only),
+    "corrupt" (unreadable bytes).
+    """
+    photos = sorted(COCO.glob("*.jpg"))
+    items: list[tuple[Sample, bytes | None, str]] = []
+    for i, photo in enumerate(photos[:n_ok]):
+        data = photo.read_bytes()
+        s = Sample(key=f"coco_{photo.stem}", source="folder", source_id=photo.name, ext="jpg")
+        s.set_size(*header_size(data))
+        s.original_caption = f"alt text {i}"
+        s.caption, s.caption_status = CAPTIONS[i % len(CAPTIONS)], "ok"
+        items.append((s, data, "ok"))
+    tall = tall_jpeg(photos[n_ok])
+    s = Sample(
+        key="zz_tall",
+        source="folder",
+        source_id="tall.jpg",
+        ext="jpg",
+        caption="a tall strip",
+        original_caption="tall",
+    )
+    s.set_size(*header_size(tall))
+    items.append((s, tall, "tall"))
+    s = Sample(key="zz_failed", source="folder", source_id="x.jpg", ext="jpg")
+    s.fail("truncated", "image file is truncated")
+    items.append((s, None, "failed_upstream"))
+    data = photos[n_ok + 1].read_bytes()
+    s = Sample(key="zz_nocaption", source="folder", source_id="n.jpg", ext="jpg", original_caption="alt")
+    s.set_size(*header_size(data))
+    items.append((s, data, "no_caption"))
+    s = Sample(
+        key="zz_corrupt",
+        source="folder",
+        source_id="c.jpg",
+        ext="jpg",
+        caption="a broken file",
+        original_caption="broken",
+    )
+    s.set_size(640, 480)
+    items.append((s, b"\xff\xd8\xff\xe0 not a jpeg at all", "corrupt"))
+
+    stage = StageDir(str(output / "captions"))
+    items.sort(key=lambda item: item[0].key)
+    for start in range(0, len(items), per_shard):
+        chunk = items[start : start + per_shard]
+        with ShardWriter(stage, f"{start // per_shard:05d}") as writer:
+            for sample, data, _ in chunk:
+                if data is not None:
+                    members = {sample.ext: data, "json": sample.to_json()}
+                    if sample.caption is not None:
+                        members["txt"] = sample.caption.encode()
+                    writer.add(sample.key, members)
+            writer.commit(
+                samples_to_table([s for s, _, _ in chunk]), {"stage": "captions", "config_hash": "x"}
+            )
+    return {s.key: outcome for s, _, outcome in items}

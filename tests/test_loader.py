@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from curation.buckets import bucket_size
+from curation.features.npy import read_npy
+from curation.features.stage import FeaturesConfig, FeaturesStage
+from curation.loader import AspectRatioBatchSampler, FeatureDataset
+from curation.shards import StageDir
+from curation.tiny.t5 import build_tiny_t5
+from curation.tiny.vae import build_tiny_vae
+from tests.features import make_caption_shards
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    t5, vae = build_tiny_t5(root / "t5"), build_tiny_vae(root / "vae")
+    out = root / "out"
+    make_caption_shards(out, n_ok=6, per_shard=5)
+    stage = FeaturesStage(
+        str(out), FeaturesConfig(str(t5), str(vae), max_length=16, resolutions=(256,), multiscale=True)
+    )
+    stage.setup()
+    for shard in StageDir(f"{out}/captions").done_shards():
+        stage.process(shard)
+    return out
+
+
+def test_items_match_the_shards_and_draw_fresh_noise(out):
+    ds = FeatureDataset(out / "features", "vae256ms", captions=out / "captions")
+    # ok in both sidecars, tall (h/w 5 > 4) left out: the six photos
+    assert len(ds) == 6 and all(k.startswith("coco_") for k in ds.keys)
+    item = ds[0]
+    moments = read_npy(
+        dict(StageDir(f"{out}/features/vae256ms").iter_samples("00000"))[item["key"]]["vae.npy"]
+    )
+    h, w = bucket_size(ds.meta[0]["bucket"], 256)
+    assert item["latent"].shape == (4, h // 8, w // 8) and item["latent"].dtype == torch.float32
+    assert item["t5"].shape == (16, 32) and item["t5"].dtype == torch.float32
+    assert item["mask"].shape == (16,) and item["mask"].dtype == torch.int64
+    assert item["data_info"]["img_hw"].tolist() == [ds.meta[0]["orig_height"], ds.meta[0]["orig_width"]]
+    assert item["data_info"]["aspect_ratio"].item() == pytest.approx(float(ds.meta[0]["bucket"]))
+    assert isinstance(item["caption"], str) and item["caption"]
+    # mean + std * eps: a fresh eps each read, centred on the stored mean
+    draws = torch.stack([ds[0]["latent"] for _ in range(200)])
+    assert not torch.equal(draws[0], draws[1])
+    mean, std = moments[:4], moments[4:]
+    assert np.abs(draws.mean(0).numpy() - mean).max() < 5 * std.max() / np.sqrt(200)
+    assert ds.buckets[0] == ds.meta[0]["bucket"]
+    assert len(FeatureDataset(out / "features", "vae256ms", max_ratio=None)) == 7
+
+
+def test_batches_hold_one_bucket_and_cover_every_item_once(out):
+    ds = FeatureDataset(out / "features", "vae256ms")
+    sampler = AspectRatioBatchSampler(ds.buckets, batch_size=2, seed=1)
+    loader = DataLoader(ds, batch_sampler=sampler)
+    seen = []
+    for batch in loader:
+        assert len(set(batch["data_info"]["aspect_ratio"].tolist())) == 1
+        b = len(batch["key"])
+        assert batch["latent"].shape[0] == batch["t5"].shape[0] == batch["mask"].shape[0] == b <= 2
+        seen += batch["key"]
+    assert sorted(seen) == sorted(ds.keys) and len(list(sampler)) == len(sampler)
+    # Reproducible per epoch, different across epochs; drop_last keeps full batches only.
+    assert list(sampler) == list(sampler)
+    orders = set()
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        orders.add(tuple(map(tuple, sampler)))
+    assert len(orders) > 1
+    full = AspectRatioBatchSampler(ds.buckets, batch_size=2, drop_last=True)
+    assert all(len(b) == 2 for b in full) and len(list(full)) == len(full)
