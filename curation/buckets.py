@@ -9,6 +9,7 @@ Keys are h/w rounded to two decimals, as strings ("0.57"), values (height, width
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from functools import cache
 
 BASES = (256, 512, 1024, 2048)
@@ -44,8 +45,9 @@ def bucket_table(base: int = 1024) -> dict[str, tuple[int, int]]:
 
 
 @cache
-def _sorted_keys(base: int) -> tuple[tuple[float, str], ...]:
-    return tuple(sorted((float(k), k) for k in bucket_table(base)))
+def _sorted_keys(base: int) -> tuple[list[float], list[str]]:
+    pairs = sorted((float(k), k) for k in bucket_table(base))
+    return [v for v, _ in pairs], [k for _, k in pairs]
 
 
 def assign_bucket(height: int, width: int, base: int = 1024) -> str:
@@ -56,12 +58,15 @@ def assign_bucket(height: int, width: int, base: int = 1024) -> str:
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
     ratio = height / width
-    best_key, best_diff = "", float("inf")
-    for value, key in _sorted_keys(base):
-        diff = abs(value - ratio)
-        if diff < best_diff:  # strict: the first (smaller) key wins a tie
-            best_key, best_diff = key, diff
-    return best_key
+    values, keys = _sorted_keys(base)
+    # The nearest key is one of the two around the insertion point (ingest calls this 4x per image).
+    i = bisect_left(values, ratio)
+    if i == 0:
+        return keys[0]
+    if i == len(values):
+        return keys[-1]
+    below, above = ratio - values[i - 1], values[i] - ratio
+    return keys[i - 1] if abs(below) <= abs(above) else keys[i]  # a tie goes to the smaller key
 
 
 def bucket_size(key: str, base: int = 1024) -> tuple[int, int]:

@@ -133,6 +133,25 @@ def _jpeg_header(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
+def _png_header(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, 1) of a PNG whose chunks before the pixels hold no EXIF; None leaves it to Pillow."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or len(data) < 33:
+        return None
+    width, height = struct.unpack_from(">II", data, 16)
+    if width == 0 or height == 0:
+        return None
+    pos = 33  # after IHDR's 13 bytes and CRC
+    while pos + 8 <= len(data):
+        (length,) = struct.unpack_from(">I", data, pos)
+        kind = data[pos + 4 : pos + 8]
+        if kind in (b"IDAT", b"IEND"):
+            return width, height, 1
+        if kind == b"eXIf":
+            return None  # an orientation Pillow would honour
+        pos += 12 + length
+    return None
+
+
 def _bomb_check(width: int, height: int) -> None:
     # Same threshold as Pillow's Image.open, which the JPEG fast path bypasses.
     limit = Image.MAX_IMAGE_PIXELS
@@ -145,7 +164,7 @@ def header_size(data: bytes) -> tuple[int, int]:
 
     An orientation stored after the pixel data (a PNG eXIf chunk after IDAT) is not seen; such files are rare.
     """
-    fast = _jpeg_header(data)
+    fast = _jpeg_header(data) or _png_header(data)
     if fast is not None:
         width, height, orientation = fast
         _bomb_check(width, height)
@@ -229,9 +248,7 @@ def decode_image(
         raise _classify(e) from e
 
 
-def prefetch(
-    items: Iterable[T], fn: Callable[[T], R], *, threads: int, ahead: int
-) -> Iterator[R | Exception]:
+def prefetch(items: Iterable[T], fn: Callable[[T], R], *, threads: int, ahead: int) -> Iterator[R | Exception]:
     """Ordered map of fn over items on a thread pool, at most `ahead` results in flight.
 
     A failing item yields its exception as a value so one bad image does not stop the stream. Pillow and

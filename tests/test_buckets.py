@@ -48,3 +48,20 @@ def test_invalid_sizes_are_refused():
         assign_bucket(0, 10)
     with pytest.raises(ValueError):
         bucket_table(768)
+
+
+def test_fast_assignment_equals_the_plain_scan():
+    import random
+
+    def scan(h, w, base):  # PixArt's loop: first key with the strictly smallest |key - h/w|
+        best, best_diff = None, float("inf")
+        for key in sorted(bucket_table(base), key=float):
+            if abs(float(key) - h / w) < best_diff:
+                best, best_diff = key, abs(float(key) - h / w)
+        return best
+
+    rng = random.Random(0)
+    sizes = [(rng.randint(1, 5000), rng.randint(1, 5000)) for _ in range(3000)]
+    sizes += [(h, w) for h in range(1, 60) for w in range(1, 60)]  # small integers hit exact ties
+    for base in BASES:
+        assert all(assign_bucket(h, w, base) == scan(h, w, base) for h, w in sizes)
