@@ -30,9 +30,7 @@ _Member = tuple[str, int, int]  # (tar path, data offset, size)
 
 
 def _done_shards(folder: Path) -> set[str]:
-    return {
-        p.name.removesuffix(".done.json") for p in folder.glob("*.done.json") if not p.name.startswith(".")
-    }
+    return {p.name.removesuffix(".done.json") for p in folder.glob("*.done.json") if not p.name.startswith(".")}
 
 
 def _scan(tar_path: Path, wanted: Sequence[str]) -> dict[str, dict[str, _Member]]:
@@ -106,9 +104,7 @@ class FeatureDataset(Dataset):
         members, meta = self.members[index], self.meta[index]
         moments = torch.from_numpy(_npy(members["vae.npy"]).astype(np.float32, copy=False))
         mean, std = moments.chunk(2, dim=0)
-        latent = mean + std * torch.randn_like(
-            mean
-        )  # a new draw each read, as PixArt's trainer does per epoch
+        latent = mean + std * torch.randn_like(mean)  # a new draw each read, as PixArt's trainer does per epoch
         if meta["multiscale"]:
             img_hw = [meta["orig_height"], meta["orig_width"]]
             aspect = float(meta["bucket"])

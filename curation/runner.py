@@ -102,13 +102,22 @@ class RunSummary:
 def pending_shards(stage_dir: StageDir, shards: list[str], chash: str, force: bool) -> list[str]:
     """Shards without a done marker. A done shard made with another config is refused unless `force`."""
     done = set(stage_dir.done_shards())
-    changed = [s for s in sorted(done & set(shards)) if stage_dir.read_done(s).get("config_hash") != chash]
+    markers = _markers(stage_dir, sorted(done & set(shards)))
+    changed = sorted(s for s, marker in markers.items() if marker.get("config_hash") != chash)
     if changed and not force:
         raise SetupError(
             f"{stage_dir.url} holds {len(changed)} shard(s) made with a different configuration "
             f"(e.g. {changed[0]}); use a new output folder, or --force to redo them with the new one"
         )
     return [s for s in shards if s not in done or s in changed]
+
+
+def _markers(stage_dir: StageDir, shards: list[str]) -> dict[str, dict[str, Any]]:
+    """Done markers of `shards`: fetched together from a StageDir (concurrently on object stores), else one by one
+    (a composite folder such as the features' sidecars, which offers `read_done` only)."""
+    if isinstance(stage_dir, StageDir):
+        return stage_dir.read_dones(shards)
+    return {s: stage_dir.read_done(s) for s in shards}
 
 
 def drop_stale_shards(stage_dir: StageDir, shards: list[str], chash: str) -> list[str]:
@@ -119,7 +128,7 @@ def drop_stale_shards(stage_dir: StageDir, shards: list[str], chash: str) -> lis
     """
     planned = set(shards)
     outside = [s for s in stage_dir.done_shards() if s not in planned]
-    stale = [s for s in outside if stage_dir.read_done(s).get("config_hash") != chash]
+    stale = [s for s, marker in _markers(stage_dir, outside).items() if marker.get("config_hash") != chash]
     for shard in stale:
         stage_dir.remove_shard(shard)
     return stale
@@ -389,7 +398,7 @@ def run_stage(
         for directory in (stage_dir, *sidecar_dirs):
             directory.remove_stale_temporaries()
             todo |= set(pending_shards(directory, shards, chash, force))
-            if force:
+            if force and isinstance(directory, StageDir):  # a composite folder (features) keeps its own
                 drop_stale_shards(directory, shards, chash)
         name = stage_dir.url.rstrip("/").rsplit("/", 1)[-1]
         record_run_config(output, name, {**semantics, "config_hash": chash})
@@ -408,7 +417,6 @@ def run_stage(
                 with contextlib.suppress(OSError):
                     directory.remove_stale_temporaries()
         done = set(stage_dir.done_shards())
-        for shard in shards:
-            if shard not in todo and shard in done:
-                summary.add(stage_dir.read_done(shard))
+        for marker in _markers(stage_dir, [s for s in shards if s not in todo and s in done]).values():
+            summary.add(marker)
         return summary

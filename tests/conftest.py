@@ -59,3 +59,37 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from curation.tiny import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture()
+def s3_server(monkeypatch) -> dict[str, str]:
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1, random port; stopped after the test.
+
+    Returns the environment a client needs (dummy credentials, the endpoint); it is also set in this process, so
+    fsspec URLs (`s3://...`) resolve to the server here and in the subprocesses the test starts.
+    """
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",  # honoured by botocore, hence by s3fs and boto3
+        "no_proxy": "127.0.0.1,localhost",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()  # instances built before the endpoint was set would miss it
+    try:
+        yield env
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()

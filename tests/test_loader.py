@@ -33,9 +33,7 @@ def test_items_match_the_shards_and_draw_fresh_noise(out):
     # ok in both sidecars, tall (h/w 5 > 4) left out: the six photos
     assert len(ds) == 6 and all(k.startswith("coco_") for k in ds.keys)
     item = ds[0]
-    moments = read_npy(
-        dict(StageDir(f"{out}/features/vae256ms").iter_samples("00000"))[item["key"]]["vae.npy"]
-    )
+    moments = read_npy(dict(StageDir(f"{out}/features/vae256ms").iter_samples("00000"))[item["key"]]["vae.npy"])
     h, w = bucket_size(ds.meta[0]["bucket"], 256)
     assert item["latent"].shape == (4, h // 8, w // 8) and item["latent"].dtype == torch.float32
     assert item["t5"].shape == (16, 32) and item["t5"].dtype == torch.float32

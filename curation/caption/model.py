@@ -132,9 +132,7 @@ class Captioner:
         )
         return side, side
 
-    def caption(
-        self, images: Sequence[Image.Image], prompts: Sequence[str] | None = None
-    ) -> list[CaptionResult]:
+    def caption(self, images: Sequence[Image.Image], prompts: Sequence[str] | None = None) -> list[CaptionResult]:
         """Caption RGB images in sub-batches of batch_size; `prompts` optionally sets one prompt per image."""
         if self.model is None:
             raise RuntimeError("Captioner.setup() must be called before caption()")

@@ -26,9 +26,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
     if array.dtype.hasobject:
         raise ValueError("object arrays cannot be stored without pickle")
     array = np.ascontiguousarray(array)
-    return b"".join(
-        (_header(array.shape, np.lib.format.dtype_to_descr(array.dtype)), array.reshape(-1).view(np.uint8))
-    )
+    return b"".join((_header(array.shape, np.lib.format.dtype_to_descr(array.dtype)), array.reshape(-1).view(np.uint8)))
 
 
 def read_npy(data: bytes) -> np.ndarray:

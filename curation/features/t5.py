@@ -87,9 +87,7 @@ class T5Features:
         ids = self.tokenizer(self.prepare(texts), add_special_tokens=True, truncation=False)["input_ids"]
         return np.array([len(x) for x in ids], dtype=np.int64)
 
-    def encode(
-        self, texts: Sequence[str], dtype: np.dtype | type = np.float32
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: Sequence[str], dtype: np.dtype | type = np.float32) -> tuple[np.ndarray, np.ndarray]:
         """Features (B, L, D) in `dtype`, zero after each text's tokens, and mask (B, L) int64 0/1.
 
         L = max_length. Texts are cleaned first when the config says so.
@@ -112,9 +110,7 @@ class T5Features:
         out = np.zeros((n, length, self.dim), dtype=dtype)
         out_dtype = torch.from_numpy(out[:0]).dtype
         real = mask.sum(axis=1)
-        order = np.argsort(
-            -real, kind="stable"
-        )  # longest first: each batch's prefix is set by its first text
+        order = np.argsort(-real, kind="stable")  # longest first: each batch's prefix is set by its first text
         with torch.inference_mode():
             for start in range(0, n, self.config.batch_size):
                 rows = order[start : start + self.config.batch_size]

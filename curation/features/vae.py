@@ -77,9 +77,7 @@ class VaeFeatures:
                 self.config.model, torch_dtype=resolve_dtype(self.config.dtype, self.device)
             )
         self.vae = vae.to(self.device).eval()
-        self.dtype = next(
-            self.vae.parameters()
-        ).dtype  # inputs follow the weights (a given VAE keeps its own)
+        self.dtype = next(self.vae.parameters()).dtype  # inputs follow the weights (a given VAE keeps its own)
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._forward = self._moments
         if self.config.compile:
@@ -112,9 +110,7 @@ class VaeFeatures:
         if pixels is None or len(pixels) == 0:
             return np.zeros((0, *out_shape), np.float32)
         if pixels.shape[1:] != (h, w, 3) or pixels.dtype != np.uint8:
-            raise ValueError(
-                f"expected uint8 pixels of shape (B, {h}, {w}, 3), got {pixels.dtype} {pixels.shape}"
-            )
+            raise ValueError(f"expected uint8 pixels of shape (B, {h}, {w}, 3), got {pixels.dtype} {pixels.shape}")
         torch = self._torch
         out = np.empty((len(pixels), *out_shape), np.float32)
         bs = self.config.batch_size

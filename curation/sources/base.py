@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
+import fsspec.implementations.local
 
 IMAGE_EXTENSIONS = {
     "jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ico", "jp2", "j2k", "avif", "qoi", "ppm", "pgm",
@@ -63,13 +66,25 @@ def list_tar(url: str) -> list[tuple[str, Member]]:
     """(member name, Member) for each regular file of a tar, checked for unsafe names."""
     fs, path = fsspec.core.url_to_fs(url)
     compressed = path.endswith((".tgz", ".tar.gz"))
+    # A local plain tar is walked header to header, seeking over the data: listing a 10 GB SA-1B tar reads its
+    # ~22k headers, not 10 GB. Compressed or remote archives are streamed: one sequential pass is their cheapest read.
+    seekable = not compressed and isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+    mode = "r:" if seekable else ("r|gz" if compressed else "r|")
     out = []
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|gz" if compressed else "r|") as tar:
-        for info in tar:
-            check_member_name(url, info.name)
-            if info.isfile():
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode=mode) as tar:
+            end = fs.size(path) if seekable else None
+            for info in tar:
+                check_member_name(url, info.name)
+                if not info.isfile():
+                    continue
+                if end is not None and info.offset_data + info.size > end:  # seeking, a cut tail goes unnoticed
+                    raise tarfile.ReadError(f"unexpected end of data in {info.name!r}")
                 offset = None if compressed else info.offset_data
                 out.append((info.name, Member(url, info.name, offset, info.size)))
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        # A truncated download or a file that only bears the name: the listing is unusable, so stop, naming it.
+        raise SourceError(f"cannot read {url} as a tar archive: {exc or type(exc).__name__}") from exc
     return out
 
 

@@ -81,9 +81,7 @@ def test_statuses_are_counted(tiny_llava: Path, photos: list[Image.Image]) -> No
     assert any(r.new_tokens < max_new for r in results)  # some captions end with EOS
 
 
-def test_deterministic_across_loads_and_builds(
-    tiny_llava: Path, photos: list[Image.Image], tmp_path: Path
-) -> None:
+def test_deterministic_across_loads_and_builds(tiny_llava: Path, photos: list[Image.Image], tmp_path: Path) -> None:
     config = CaptionConfig(model=str(tiny_llava), max_new_tokens=16, batch_size=4)
     first, second = Captioner(config), Captioner(config)
     first.setup()

@@ -22,9 +22,7 @@ MAX_LENGTH = 16
 
 def pixart_entries(root: str, resolution: int, multiscale: bool):
     """PixArt's InternalData / InternalDataMS path logic: (entry, image, T5 npz, VAE npy, expected h x w)."""
-    meta = json.load(
-        open(os.path.join(root, "partition_filter" if multiscale else "partition", "data_info.json"))
-    )
+    meta = json.load(open(os.path.join(root, "partition_filter" if multiscale else "partition", "data_info.json")))
     assert isinstance(meta, list)
     vae_dir = (
         f"img_vae_fatures_{resolution}_multiscale/ms"
@@ -55,9 +53,7 @@ def output(tmp_path_factory):
     out = root / "out"
     outcomes = make_caption_shards(out, n_ok=3, per_shard=4)
     for multiscale in (True, False):
-        config = FeaturesConfig(
-            str(t5), str(vae), max_length=MAX_LENGTH, resolutions=(256,), multiscale=multiscale
-        )
+        config = FeaturesConfig(str(t5), str(vae), max_length=MAX_LENGTH, resolutions=(256,), multiscale=multiscale)
         stage = FeaturesStage(str(out), config)
         stage.setup()
         for shard in StageDir(f"{out}/captions").done_shards():

@@ -87,7 +87,5 @@ def make_caption_shards(output: Path, n_ok: int = 6, per_shard: int = 5) -> dict
                     if sample.caption is not None:
                         members["txt"] = sample.caption.encode()
                     writer.add(sample.key, members)
-            writer.commit(
-                samples_to_table([s for s, _, _ in chunk]), {"stage": "captions", "config_hash": "x"}
-            )
+            writer.commit(samples_to_table([s for s, _, _ in chunk]), {"stage": "captions", "config_hash": "x"})
     return {s.key: outcome for s, _, outcome in items}

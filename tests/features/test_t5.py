@@ -53,9 +53,7 @@ def test_encode_shapes_mask_and_zero_padding(t5_path):
 def test_sorted_prefix_batches_equal_an_unsorted_full_length_run(t5_path):
     f = _features(t5_path, max_length=24, batch_size=2)
     feats, mask = f.encode(TEXTS)
-    tok = f.tokenizer(
-        f.prepare(TEXTS), max_length=24, padding="max_length", truncation=True, return_tensors="pt"
-    )
+    tok = f.tokenizer(f.prepare(TEXTS), max_length=24, padding="max_length", truncation=True, return_tensors="pt")
     with torch.no_grad():
         ref = f.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state.numpy()
     assert np.array_equal(mask, tok.attention_mask.numpy())

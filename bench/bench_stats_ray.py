@@ -1,0 +1,75 @@
+"""Stats stage scaling with Ray workers: the same caption shards counted with 1 and with 2 workers.
+
+    NLTK_DATA=../shared/nltk_data python bench/bench_stats_ray.py [--shards 40]
+
+Caption shards hold ~80-word paragraphs of COCO captions. Each run counts every shard from scratch (fresh output),
+in one embedded Ray session per worker count; the totals must be identical. Speed-up near the worker count means
+the map scales; the merge is one small JSON sum per shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from curation.records import Sample, samples_to_table
+from curation.runner import ray_session
+from curation.shards import ShardWriter, StageDir
+from curation.stats.stage import StatsConfig, run_stats
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def write_shards(out: Path, captions: list[str], shards: int) -> None:
+    per = max(1, len(captions) // shards)
+    for i in range(shards):
+        samples = []
+        with ShardWriter(StageDir(f"{out}/captions"), f"{i:05d}") as writer:
+            for j, text in enumerate(captions[i * per : (i + 1) * per]):
+                s = Sample(key=f"s{i:05d}_{j:04d}", source="bench", source_id=str(j), ext="jpg", caption=text)
+                s.set_size(480, 640)
+                samples.append(s)
+                writer.add(s.key, {"jpg": b"", "txt": text.encode(), "json": s.to_json()})
+            writer.commit(samples_to_table(samples), {"stage": "captions"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shards", type=int, default=40)
+    args = parser.parse_args()
+    lines = [json.loads(x)["caption"].strip() for x in (SHARED / "data/captions/coco_val2017_5005.jsonl").open()]
+    paragraphs = [" ".join(lines[i : i + 8]) for i in range(0, len(lines) - 8, 8)]  # ~80 words each
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in (1, 2):
+            out = Path(tmp) / f"w{workers}"
+            write_shards(out, paragraphs, args.shards)
+            with ray_session(None, num_cpus=workers):
+                start = time.perf_counter()
+                run_stats(str(out), StatsConfig(fields=("caption",)), progress=False)
+                seconds = time.perf_counter() - start
+            results[workers] = (seconds, json.loads((out / "report" / "table1.json").read_text())[0])
+    (t1, row1), (t2, row2) = results[1], results[2]
+    assert {k: v for k, v in row1.items() if k != "name"} == {k: v for k, v in row2.items() if k != "name"}
+    n = row1["images"]
+    print(
+        json.dumps(
+            {
+                "bench": "stats_ray_scaling",
+                "captions": n,
+                "shards": args.shards,
+                "captions_per_s_1_worker": round(n / t1, 1),
+                "captions_per_s_2_workers": round(n / t2, 1),
+                "speedup": round(t1 / t2, 2),
+                "identical_totals": True,
+                "note": "includes actor start-up (NLTK load) and the report; 2 cores",
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
