@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,9 +85,19 @@ def test_sigkill_mid_caption_then_rerun_gives_same_keys_and_captions(tmp_path, c
     cli = [sys.executable, "-m", "curation.cli"]
     cap = ["caption", "--model", str(tiny_models["llava"]), "--max-new-tokens", "12", "--batch-size", "2",
            "--no-progress", "--workers", "1"]  # fmt: skip
-    for out in (tmp_path / "ref", tmp_path / "out"):
-        ingest = ["ingest", "--source", "folder", "--input", str(src), "--shard-size", "2", "--output", str(out)]
-        subprocess.run([*cli, *ingest, "--no-progress"], check=True, env=env, capture_output=True)
+    ingest = [
+        "ingest",
+        "--source",
+        "folder",
+        "--input",
+        str(src),
+        "--shard-size",
+        "2",
+        "--output",
+        str(tmp_path / "ref"),
+    ]
+    subprocess.run([*cli, *ingest, "--no-progress"], check=True, env=env, capture_output=True)
+    shutil.copytree(tmp_path / "ref", tmp_path / "out")
     subprocess.run([*cli, *cap, "--output", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
     out = tmp_path / "out"
     proc = subprocess.Popen([*cli, *cap, "--output", str(out)], env=env, start_new_session=True,
