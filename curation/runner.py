@@ -185,12 +185,14 @@ def record_run_config(output: str, stage: str, config: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
-    """Connect to a cluster, or start an embedded local one on loopback (no dashboard, own temp dir, cleaned up)."""
+    """Connect to a cluster, or start an embedded local one (no dashboard, own temp dir, cleaned up)."""
     import ray
 
     if ray.is_initialized():  # a caller (tests, a notebook) already holds a session: reuse it
         yield
         return
+    # Inside `ray job submit` the job's cluster is in RAY_ADDRESS: join it rather than start a local one.
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         try:
@@ -378,7 +380,6 @@ def run_stage(
     output: str,
     stage_dir: StageDir,
     make_stage: Callable[[], Any],
-    sidecar_dirs: tuple[StageDir, ...] = (),
     tasks: list[tuple[str, Any]],
     semantics: dict[str, Any],
     resources: Resources,
@@ -388,18 +389,16 @@ def run_stage(
 ) -> RunSummary:
     """Lock the output, skip done shards, run the rest on Ray, and total the stage's done markers.
 
-    `sidecar_dirs` are further outputs of the same stage (features/vae512 beside features/t5): a shard is pending
-    while any of them lacks its done marker, and the stage's `process` skips the parts already done.
+    `stage_dir` is a `StageDir`, or an object with the same listing methods that presents several sidecar folders
+    as one (features: `FeatureDirs`).
     """
     with output_lock(output):
         chash = config_hash(semantics)
         shards = [shard for shard, _ in tasks]
-        todo: set[str] = set()
-        for directory in (stage_dir, *sidecar_dirs):
-            directory.remove_stale_temporaries()
-            todo |= set(pending_shards(directory, shards, chash, force))
-            if force and isinstance(directory, StageDir):  # a composite folder (features) keeps its own
-                drop_stale_shards(directory, shards, chash)
+        stage_dir.remove_stale_temporaries()
+        todo = set(pending_shards(stage_dir, shards, chash, force))
+        if force and isinstance(stage_dir, StageDir):  # a composite folder (features) keeps its own
+            drop_stale_shards(stage_dir, shards, chash)
         name = stage_dir.url.rstrip("/").rsplit("/", 1)[-1]
         record_run_config(output, name, {**semantics, "config_hash": chash})
         pending = [t for t in tasks if t[0] in todo]
@@ -413,9 +412,8 @@ def run_stage(
                 summary = RunSummary(name, shards_total=len(tasks), shards_skipped=len(tasks))
         finally:
             # The workers are finished or killed: a temporary left now is a dead attempt's (a retried shard's).
-            for directory in (stage_dir, *sidecar_dirs):
-                with contextlib.suppress(OSError):
-                    directory.remove_stale_temporaries()
+            with contextlib.suppress(OSError):
+                stage_dir.remove_stale_temporaries()
         done = set(stage_dir.done_shards())
         for marker in _markers(stage_dir, [s for s in shards if s not in todo and s in done]).values():
             summary.add(marker)
