@@ -16,16 +16,7 @@ from curation.ingest import IngestConfig, run_ingest
 from curation.shards import StageDir
 from tests.conftest import EDGE_CASES, REPO
 from tests.layouts import make_folder, make_img2dataset, make_journeydb, make_sa1b
-
-
-def _index(out) -> dict[str, dict]:
-    stage = StageDir(f"{out}/images")
-    rows = {}
-    for shard in stage.done_shards():
-        for row in stage.read_index(shard).to_pylist():
-            assert row["key"] not in rows, f"key {row['key']} written twice"
-            rows[row["key"]] = row
-    return rows
+from tests.outputs import index_rows
 
 
 def test_folder_ingest_end_to_end(tmp_path, coco_files, ray_local):
@@ -33,7 +24,7 @@ def test_folder_ingest_end_to_end(tmp_path, coco_files, ray_local):
     out = tmp_path / "out"
     summary = run_ingest(str(out), IngestConfig("folder", str(src), shard_size=5), progress=False)
     assert summary.shards_total == 3 and summary.by_status == {"ok": 12}
-    rows = _index(out)
+    rows = index_rows(out, "images")
     assert len(rows) == 12
     # Sizes come from headers and equal a full decode; bytes pass through unchanged.
     for f in coco_files[:12]:
@@ -85,7 +76,7 @@ def test_archive_layouts(tmp_path, coco_files, ray_local, layout):
     out = tmp_path / "out"
     summary = run_ingest(str(out), IngestConfig(layout, str(src), shard_size=4), progress=False)
     assert summary.by_status.get("ok") == expect_ok and summary.by_status.get("failed", 0) == expect_failed
-    rows = _index(out)
+    rows = index_rows(out, "images")
     if layout == "sa1b":
         assert rows["sa_223750"]["source_id"] == "223750"
         assert json.loads(rows["sa_223750"]["source_meta"])["file_name"] == "sa_223750.jpg"
@@ -101,7 +92,7 @@ def test_every_edge_case_is_ingested_or_a_failed_row(tmp_path, edge_case_files, 
     manifest = {e["file"]: e for e in json.loads((EDGE_CASES / "manifest.json").read_text())}
     out = tmp_path / "out"
     summary = run_ingest(str(out), IngestConfig("folder", str(EDGE_CASES), shard_size=10), progress=False)
-    rows = _index(out)
+    rows = index_rows(out, "images")
     assert len(rows) == len(edge_case_files) == sum(summary.by_status.values())
     for path in edge_case_files:
         rel = path.relative_to(EDGE_CASES).as_posix()
@@ -141,7 +132,7 @@ def test_sigkill_mid_ingest_then_rerun_gives_the_uninterrupted_keys(tmp_path, co
     partial = len(list((out / "images").glob("*.done.json")))
     assert 3 <= partial < 20, "the kill must land mid-run"
     subprocess.run(_cli(*args, "--output", str(out)), check=True, env=env, capture_output=True)
-    assert set(_index(out)) == set(_index(ref))
+    assert set(index_rows(out, "images")) == set(index_rows(ref, "images"))
     assert not [p for p in (out / "images").iterdir() if p.name.startswith(".")], "temporaries left visible"
     for shard in StageDir(f"{ref}/images").done_shards():
         assert pq.read_table(out / "images" / f"{shard}.parquet").equals(

@@ -14,29 +14,9 @@ import pytest
 from curation.buckets import bucket_size
 from curation.cli import main
 from curation.features.npy import read_npy
-from curation.shards import StageDir
 from tests.conftest import EDGE_CASES, REPO
 from tests.layouts import make_folder
-
-
-def _index(out, stage: str) -> dict[str, dict]:
-    sd = StageDir(f"{out}/{stage}")
-    rows: dict[str, dict] = {}
-    for shard in sd.done_shards():
-        for row in sd.read_index(shard).to_pylist():
-            assert row["key"] not in rows, f"{stage}: key {row['key']} twice"
-            rows[row["key"]] = row
-    return rows
-
-
-def _members(out, stage: str) -> dict[str, dict[str, bytes]]:
-    sd = StageDir(f"{out}/{stage}")
-    found: dict[str, dict[str, bytes]] = {}
-    for shard in sd.done_shards():
-        for key, members in sd.iter_samples(shard):
-            assert key not in found, f"{stage}: member {key} twice"
-            found[key] = members
-    return found
+from tests.outputs import index_rows, tar_members
 
 
 def _run_args(src, out, tiny_models, *extra) -> list[str]:
@@ -54,15 +34,15 @@ def test_run_on_coco_every_key_once_in_every_sidecar(tmp_path, coco_files, tiny_
     assert main(_run_args(src, out, tiny_models, "--multiscale")) == 0
     printed = capsys.readouterr().out
     assert "[features]" in printed and "report:" in printed
-    captions = _index(out, "captions")
+    captions = index_rows(out, "captions")
     assert len(captions) == len(coco_files)
-    t5 = _members(out, "features/t5")
+    t5 = tar_members(out, "features/t5")
     assert set(t5) == set(captions)
     for key, m in t5.items():
         feature, mask = read_npy(m["t5.npy"]), read_npy(m["t5mask.npy"])
         assert feature.shape[0] == mask.shape[0] == 32 and feature.dtype == np.float16 and mask.sum() >= 1, key
     for base in (256, 512):
-        vae = _members(out, f"features/vae{base}ms")
+        vae = tar_members(out, f"features/vae{base}ms")
         assert set(vae) == set(captions)
         for key, m in vae.items():
             h, w = bucket_size(captions[key][f"bucket_{base}"], base)
@@ -87,18 +67,18 @@ def test_hostile_files_through_every_stage(tmp_path, tiny_models, ray_local, cap
     assert main(_run_args(EDGE_CASES, out, tiny_models)) == 0
     printed = capsys.readouterr().out
     assert "failures by reason" in printed
-    images, captions = _index(out, "images"), _index(out, "captions")
+    images, captions = index_rows(out, "images"), index_rows(out, "captions")
     files = [p for p in EDGE_CASES.rglob("*") if p.is_file() and p.name != "manifest.json"]
     assert len(images) == len(captions) == len(files)
     for stage in ("features/t5", "features/vae256", "features/vae512"):
-        rows = _index(out, stage)
+        rows = index_rows(out, stage)
         assert set(rows) == set(captions), stage
         for key, row in rows.items():
             if captions[key]["status"] == "failed":
                 assert row["status"] == "failed" and row["error_reason"], (stage, key)
             assert row["status"] == "ok" or row["error_reason"], (stage, key)
     ok = [k for k, r in captions.items() if r["status"] == "ok"]
-    assert len(ok) >= 25 and set(ok) == set(_members(out, "features/vae256"))
+    assert len(ok) >= 25 and set(ok) == set(tar_members(out, "features/vae256"))
     assert (
         main(["export-pixart", "--output", str(out), "--to", str(tmp_path / "InternData"), "--resolution", "256"]) == 0
     )
@@ -134,8 +114,8 @@ def test_sigkill_mid_features_then_rerun_changes_nothing(tmp_path, coco_files, t
     assert len(list((outs[1] / "features" / "vae256").glob("*.done.json"))) < 12, "the kill must land mid-run"
     subprocess.run([*cli, *feats, "--output", str(outs[1])], check=True, env=env, capture_output=True)
     for stage in ("features/t5", "features/vae256"):
-        ref, got = _members(outs[0], stage), _members(outs[1], stage)
-        assert set(ref) == set(got) == set(_index(outs[0], "captions"))
+        ref, got = tar_members(outs[0], stage), tar_members(outs[1], stage)
+        assert set(ref) == set(got) == set(index_rows(outs[0], "captions"))
         for key in ref:
             for ext in ref[key]:
                 if ext.endswith("npy"):

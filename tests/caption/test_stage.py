@@ -15,16 +15,7 @@ from curation.ingest import IngestConfig, run_ingest
 from curation.shards import StageDir
 from tests.conftest import EDGE_CASES, REPO
 from tests.layouts import make_folder
-
-
-def _rows(out, stage: str) -> dict[str, dict]:
-    sd = StageDir(f"{out}/{stage}")
-    rows = {}
-    for shard in sd.done_shards():
-        for row in sd.read_index(shard).to_pylist():
-            assert row["key"] not in rows
-            rows[row["key"]] = row
-    return rows
+from tests.outputs import index_rows
 
 
 def _config(tiny_models, **kw) -> CaptionStageConfig:
@@ -36,7 +27,7 @@ def test_caption_coco_shards(tmp_path, coco_files, tiny_models, ray_local):
     out = tmp_path / "out"
     run_ingest(str(out), IngestConfig("folder", str(make_folder(tmp_path / "in", coco_files)), 20), progress=False)
     summary = run_caption(str(out), _config(tiny_models), progress=False)
-    images, captions = _rows(out, "images"), _rows(out, "captions")
+    images, captions = index_rows(out, "images"), index_rows(out, "captions")
     assert set(images) == set(captions) and len(captions) == len(coco_files)
     assert summary.by_status == {"ok": len(coco_files)}
     statuses = summary.counts["by_caption_status"]
@@ -66,8 +57,8 @@ def test_edge_cases_end_captioned_or_failed_with_reason(tmp_path, tiny_models, r
     out = tmp_path / "out"
     run_ingest(str(out), IngestConfig("folder", str(EDGE_CASES), 16), progress=False)
     run_caption(str(out), _config(tiny_models), progress=False)
-    rows = _rows(out, "captions")
-    assert set(rows) == set(_rows(out, "images"))
+    rows = index_rows(out, "captions")
+    assert set(rows) == set(index_rows(out, "images"))
     for key, row in rows.items():
         if row["status"] == "ok":
             assert row["caption_status"] in {"ok", "empty", "truncated", "repetitive"}, key
@@ -109,7 +100,7 @@ def test_sigkill_mid_caption_then_rerun_gives_same_keys_and_captions(tmp_path, c
     proc.wait()
     assert 2 <= len(list((out / "captions").glob("*.done.json"))) < 12, "the kill must land mid-run"
     subprocess.run([*cli, *cap, "--output", str(out)], check=True, env=env, capture_output=True)
-    ref_rows, out_rows = _rows(tmp_path / "ref", "captions"), _rows(out, "captions")
+    ref_rows, out_rows = index_rows(tmp_path / "ref", "captions"), index_rows(out, "captions")
     assert set(ref_rows) == set(out_rows)
     assert {k: r["caption"] for k, r in ref_rows.items()} == {k: r["caption"] for k, r in out_rows.items()}
     assert not [p for p in (out / "captions").iterdir() if p.name.startswith(".")]

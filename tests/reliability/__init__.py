@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from curation.shards import StageDir
 from tests.conftest import REPO
 
 
@@ -30,17 +29,6 @@ def one_error_line(proc: subprocess.CompletedProcess, command: str) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith(f"curation {command}: error: "), proc.stderr[-3000:]
     return lines[0]
-
-
-def rows(out: str | Path, stage: str) -> dict[str, dict]:
-    """Every index row of a stage's done shards, by key; a key seen twice fails the test."""
-    sd = StageDir(f"{out}/{stage}")
-    found: dict[str, dict] = {}
-    for shard in sd.done_shards():
-        for row in sd.read_index(shard).to_pylist():
-            assert row["key"] not in found, f"key {row['key']} written twice"
-            found[row["key"]] = row
-    return found
 
 
 def assert_only_done_shards(folder: Path) -> None:

@@ -22,7 +22,8 @@ from curation.shards import ShardWriter, StageDir
 from curation.sources import SourceItem, list_source
 from tests.conftest import REPO
 from tests.layouts import make_folder
-from tests.reliability import assert_only_done_shards, rows
+from tests.outputs import index_rows as rows
+from tests.reliability import assert_only_done_shards
 
 
 class PausingIngest(IngestStage):

@@ -12,7 +12,8 @@ import pytest
 
 from tests.conftest import EDGE_CASES
 from tests.layouts import make_folder
-from tests.reliability import cli, one_error_line, rows
+from tests.outputs import index_rows as rows
+from tests.reliability import cli, one_error_line
 
 
 def _ingest(source: str, src: Path, out: Path) -> list[str]:

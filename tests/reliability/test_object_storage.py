@@ -15,7 +15,8 @@ from curation.shards import StageDir
 from curation.sources import list_source
 from curation.sources.base import read_members
 from tests.layouts import make_folder, make_img2dataset
-from tests.reliability import cli, rows
+from tests.outputs import index_rows as rows
+from tests.reliability import cli
 
 
 def _bucket(fs: fsspec.AbstractFileSystem, name: str) -> str:

@@ -14,7 +14,8 @@ from curation.ingest import IngestConfig, run_ingest
 from curation.runner import ShardError, output_lock
 from curation.shards import StageDir
 from tests.layouts import make_folder
-from tests.reliability import assert_only_done_shards, cli, one_error_line, rows
+from tests.outputs import index_rows as rows
+from tests.reliability import assert_only_done_shards, cli, one_error_line
 
 
 def _ingest_args(src: Path, out: Path, shard_size: int = 2) -> list[str]:
