@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class StatsStage:
         self.extractor = NounExtractor()
 
     def process(self, shard: str, payload: None = None) -> dict[str, Any]:
+        started = time.time()
         rows = [r for r in self.captions.read_index(shard).to_pylist() if r["status"] == OK]
         partial: dict[str, Any] = {"buckets_1024": {}}
         invalid_utf8 = 0
@@ -72,6 +74,8 @@ class StatsStage:
             "rows": len(rows),
             "config_hash": config_hash(self.config.semantics()),
             "by_caption_bytes": {"invalid_utf8": invalid_utf8} if invalid_utf8 else {},
+            "started": started,
+            "seconds": round(time.time() - started, 3),
         }
         write_json_atomic(self.stage_dir.url.rstrip("/") + f"/{shard}.done.json", done)  # last
         return done
