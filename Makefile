@@ -15,7 +15,7 @@ export NO_PROXY := 127.0.0.1,localhost
 # Real users run nltk.download("punkt_tab") and nltk.download("averaged_perceptron_tagger_eng").
 export NLTK_DATA ?= $(SHARED)/nltk_data
 
-.PHONY: help demo test test-fast bench lint format clean
+.PHONY: help demo test test-fast bench bench-gpu lint format clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -36,6 +36,10 @@ test-fast: $(BIN)/curation  ## the suite without the slow fault-injection tests
 
 bench: $(BIN)/curation  ## CPU benchmarks (speed goals live here, not in tests)
 	$(BIN)/python bench/run_all.py
+
+bench-gpu: $(BIN)/curation  ## GPU benchmarks at real shapes, random weights, no downloads (a CUDA machine; ~10 min)
+	$(BIN)/python bench/gpu_caption.py
+	$(BIN)/python bench/gpu_features.py
 
 lint: $(BIN)/curation  ## ruff check + format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
