@@ -117,20 +117,20 @@ def _cli(*args: str) -> list[str]:
 
 @pytest.mark.slow
 def test_sigkill_mid_ingest_then_rerun_gives_the_uninterrupted_keys(tmp_path, coco_files):
-    src = make_folder(tmp_path / "in", coco_files[:40])
+    src = make_folder(tmp_path / "in", coco_files[:50])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     ref, out = tmp_path / "ref", tmp_path / "out"
-    args = ["ingest", "--source", "folder", "--input", str(src), "--shard-size", "2", "--no-progress"]
+    args = ["ingest", "--source", "folder", "--input", str(src), "--shard-size", "1", "--no-progress"]
     subprocess.run(_cli(*args, "--output", str(ref)), check=True, env=env, capture_output=True)
     proc = subprocess.Popen(_cli(*args, "--output", str(out)), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "images").glob("*.done.json"))) < 3:
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole local Ray, mid-run
     proc.wait()
     partial = len(list((out / "images").glob("*.done.json")))
-    assert 3 <= partial < 20, "the kill must land mid-run"
+    assert 3 <= partial < 50, "the kill must land mid-run"
     subprocess.run(_cli(*args, "--output", str(out)), check=True, env=env, capture_output=True)
     assert set(index_rows(out, "images")) == set(index_rows(ref, "images"))
     assert not [p for p in (out / "images").iterdir() if p.name.startswith(".")], "temporaries left visible"
