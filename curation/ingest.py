@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from curation.imaging import ImageDecodeError, header_size
 from curation.records import Sample, count_statuses, samples_to_table
-from curation.shards import ShardWriter, StageDir, config_hash
+from curation.shards import ShardWriter, StageDir, config_hash, lineage
 from curation.sources.base import Member, SourceItem, load_json, read_members
 from curation.sources.sa1b import sa1b_meta
 
@@ -56,7 +56,7 @@ class IngestStage:
                     writer.add(sample.key, {sample.ext: image, "json": sample.to_json()})
             done = {
                 "stage": STAGE,
-                "config_hash": config_hash(self.config.semantics()),
+                **lineage(config_hash(self.config.semantics()), None),
                 **count_statuses(samples),
             }
             return writer.commit(samples_to_table(samples), done)

@@ -99,8 +99,17 @@ class RunSummary:
         return out
 
 
-def pending_shards(stage_dir: StageDir, shards: list[str], chash: str, force: bool) -> list[str]:
-    """Shards without a done marker. A done shard made with another config is refused unless `force`."""
+def pending_shards(
+    stage_dir: StageDir,
+    shards: list[str],
+    chash: str,
+    force: bool,
+    input_lineage: dict[str, str] | None = None,
+) -> list[str]:
+    """Shards to (re)do: no done marker, made from an input that was redone since, or (composites) incomplete.
+
+    A done shard made with another config is refused unless `force`: a rerun must not silently mix configs.
+    """
     done = set(stage_dir.done_shards())
     markers = _markers(stage_dir, sorted(done & set(shards)))
     changed = sorted(s for s, marker in markers.items() if marker.get("config_hash") != chash)
@@ -109,7 +118,13 @@ def pending_shards(stage_dir: StageDir, shards: list[str], chash: str, force: bo
             f"{stage_dir.url} holds {len(changed)} shard(s) made with a different configuration "
             f"(e.g. {changed[0]}); use a new output folder, or --force to redo them with the new one"
         )
-    return [s for s in shards if s not in done or s in changed]
+    outdated = {
+        s
+        for s, marker in markers.items()
+        if (input_lineage is not None and marker.get("input_lineage") != input_lineage.get(s))
+        or not marker.get("complete", True)
+    }
+    return [s for s in shards if s not in done or s in changed or s in outdated]
 
 
 def _markers(stage_dir: StageDir, shards: list[str]) -> dict[str, dict[str, Any]]:
@@ -382,6 +397,7 @@ def run_stage(
     make_stage: Callable[[], Any],
     tasks: list[tuple[str, Any]],
     semantics: dict[str, Any],
+    input_dir: StageDir | None = None,
     resources: Resources,
     ray_address: str | None = None,
     force: bool = False,
@@ -390,14 +406,20 @@ def run_stage(
     """Lock the output, skip done shards, run the rest on Ray, and total the stage's done markers.
 
     `stage_dir` is a `StageDir`, or an object with the same listing methods that presents several sidecar folders
-    as one (features: `FeatureDirs`).
+    as one (features: `FeatureDirs`). `input_dir` is the stage the tasks' shards come from: a shard whose input was
+    redone since is redone too, and a shard whose input no longer exists is removed (its keys now live elsewhere).
     """
     with output_lock(output):
         chash = config_hash(semantics)
         shards = [shard for shard, _ in tasks]
         stage_dir.remove_stale_temporaries()
-        todo = set(pending_shards(stage_dir, shards, chash, force))
-        if force and isinstance(stage_dir, StageDir):  # a composite folder (features) keeps its own
+        upstream = None
+        if input_dir is not None:
+            upstream = {s: m.get("lineage", "") for s, m in _markers(input_dir, shards).items()}
+            for orphan in sorted(set(stage_dir.done_shards()) - set(shards)):
+                stage_dir.remove_shard(orphan)
+        todo = set(pending_shards(stage_dir, shards, chash, force, upstream))
+        if force:
             drop_stale_shards(stage_dir, shards, chash)
         name = stage_dir.url.rstrip("/").rsplit("/", 1)[-1]
         record_run_config(output, name, {**semantics, "config_hash": chash})

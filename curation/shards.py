@@ -132,6 +132,21 @@ def config_hash(semantics: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(semantics, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def lineage(chash: str, input_done: dict[str, Any] | None) -> dict[str, str]:
+    """Done-marker fields that tie a shard to what it was made from.
+
+    `lineage` hashes this shard's config with its input shard's lineage, so it changes whenever anything upstream
+    was redone differently (another model, another --shard-size); a downstream shard whose `input_lineage` no
+    longer matches its input's `lineage` is out of date and is redone.
+    """
+    upstream = input_done.get("lineage", "") if input_done else ""
+    return {
+        "config_hash": chash,
+        "input_lineage": upstream,
+        "lineage": config_hash({"config": chash, "input": upstream}),
+    }
+
+
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     # Fixed owner and mtime: the same input gives byte-identical shards, whichever worker wrote them.
     info = tarfile.TarInfo(name)

@@ -14,6 +14,7 @@ import pytest
 from curation.buckets import bucket_size
 from curation.cli import main
 from curation.features.npy import read_npy
+from curation.shards import StageDir
 from tests.conftest import EDGE_CASES, REPO
 from tests.layouts import make_folder
 from tests.outputs import index_rows, tar_members
@@ -121,3 +122,37 @@ def test_sigkill_mid_features_then_rerun_changes_nothing(tmp_path, coco_files, t
                 if ext.endswith("npy"):
                     np.testing.assert_allclose(read_npy(got[key][ext]), read_npy(ref[key][ext]), rtol=1e-5, atol=1e-6)
         assert not [p for p in (outs[1] / stage).iterdir() if p.name.startswith(".")]
+
+
+def test_redoing_a_stage_redoes_what_was_made_from_it(tmp_path, coco_files, tiny_models, ray_local):
+    from curation.caption.model import CaptionConfig
+    from curation.caption.stage import CaptionStageConfig, run_caption
+    from curation.features.stage import FeaturesConfig, run_features
+    from curation.ingest import IngestConfig, run_ingest
+
+    src, out = str(make_folder(tmp_path / "in", coco_files[:8])), str(tmp_path / "out")
+    features = FeaturesConfig(t5=str(tiny_models["t5"]), vae=str(tiny_models["vae"]), max_length=16, resolutions=(256,))
+
+    def caption(prompt: str, force: bool = False):
+        model = CaptionConfig(model=str(tiny_models["llava"]), prompt=prompt, max_new_tokens=8, batch_size=4)
+        return run_caption(out, CaptionStageConfig(model=model), force=force, progress=False)
+
+    run_ingest(out, IngestConfig("folder", src, shard_size=4), progress=False)
+    caption("Describe this image.")
+    assert run_features(out, features, progress=False).shards_run == 2
+    assert run_features(out, features, progress=False).shards_run == 0  # nothing changed: nothing redone
+
+    # New captions (another prompt, --force): the features made from the old ones are redone, not kept.
+    caption("Describe the style of this image in detail.", force=True)
+    assert run_features(out, features, progress=False).shards_run == 2
+    t5_text = {k: r["text"] for k, r in index_rows(out, "features/t5").items()}
+    assert t5_text == {k: r["caption"] for k, r in index_rows(out, "captions").items()}
+
+    # Re-sharded images (--force --shard-size 8): the old second shard's captions and features are removed, so no
+    # key is left twice anywhere, and shard 00000 is redone from the new images shard.
+    run_ingest(out, IngestConfig("folder", src, shard_size=8), force=True, progress=False)
+    caption("Describe the style of this image in detail.")
+    run_features(out, features, progress=False)
+    for stage in ("images", "captions", "features/t5", "features/vae256"):
+        assert StageDir(f"{out}/{stage}").done_shards() == ["00000"], stage
+        assert len(index_rows(out, stage)) == 8, stage

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from curation.caption.model import DEFAULT_PROMPT, CaptionConfig, Captioner
 from curation.imaging import ImageDecodeError, decode_image, prefetch
 from curation.records import OK, Sample, count_statuses, samples_to_table, table_to_samples
-from curation.shards import ShardWriter, StageDir, config_hash
+from curation.shards import ShardWriter, StageDir, config_hash, lineage
 
 STAGE = "captions"
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
@@ -72,7 +72,7 @@ class CaptionStage:
             rows = sorted(samples.values(), key=lambda s: s.key)
             done = {
                 "stage": STAGE,
-                "config_hash": config_hash(self.config.semantics()),
+                **lineage(config_hash(self.config.semantics()), self.images.read_done(shard)),
                 "by_caption_status": cap_counts,
                 "provenance": self._provenance,
                 **count_statuses(rows),
@@ -124,6 +124,7 @@ def run_caption(
     return run_stage(
         output=output,
         stage_dir=StageDir(f"{output.rstrip('/')}/{STAGE}"),
+        input_dir=images,
         make_stage=lambda: CaptionStage(output, config),
         tasks=[(s, None) for s in shards],
         semantics=config.semantics(),

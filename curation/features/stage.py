@@ -30,7 +30,7 @@ from curation.features.t5 import T5Features, TextFeatureConfig
 from curation.features.vae import VaeFeatureConfig, VaeFeatures, cover_size, to_pixels
 from curation.imaging import ImageDecodeError, decode_image, prefetch
 from curation.records import FAILED, OK, Sample, table_to_samples
-from curation.shards import ShardWriter, StageDir, config_hash
+from curation.shards import ShardWriter, StageDir, config_hash, lineage
 
 INPUT = "captions"
 DEFAULT_T5 = "DeepFloyd/t5-v1_1-xxl"  # PixArt-alpha's text encoder (google/t5-v1_1-xxl is the same model)
@@ -123,41 +123,44 @@ class FeaturesConfig:
 class FeatureDirs:
     """All sidecars of a run seen as one stage folder by the runner (the `StageDir` methods it calls).
 
-    A shard is done when every sidecar has a done marker; its config hash is the run's when every sidecar was
-    made with this config, so a changed sidecar is refused (or redone with --force) like any changed shard.
+    A shard counts as done once any sidecar is; its marker is `complete` when every sidecar is current (this config,
+    made from the present captions shard), so the runner redoes incomplete shards and the stage writes only the
+    missing or outdated sidecars. A sidecar made with another config is a changed shard: refused unless --force.
     """
 
     def __init__(self, output: str, config: FeaturesConfig) -> None:
         self.url = f"{output.rstrip('/')}/features"
         self.config = config
+        self.input = StageDir(f"{output.rstrip('/')}/{INPUT}")
         self.dirs = {name: StageDir(f"{self.url}/{name}") for name in config.sidecars()}
         self.hashes = {name: config_hash(sem) for name, sem in config.sidecars().items()}
-        self._done: dict[str, dict[str, Any]] = {}
 
     def done_shards(self) -> list[str]:
-        sets = [set(d.done_shards()) for d in self.dirs.values()]
-        return sorted(set.intersection(*sets))
+        return sorted(set().union(*(set(d.done_shards()) for d in self.dirs.values())))
 
-    def current(self, name: str, shard: str) -> bool:
-        """Whether sidecar `name` of `shard` is done with this config."""
+    def _marker(self, name: str, shard: str) -> dict[str, Any] | None:
         d = self.dirs[name]
         if not d.fs.exists(d.path(f"{shard}.done.json")):
+            return None
+        return d.read_done(shard)
+
+    def current(self, name: str, shard: str) -> bool:
+        """Whether sidecar `name` of `shard` is done with this config, from the captions shard as it is now."""
+        marker = self._marker(name, shard)
+        if marker is None or marker.get("config_hash") != self.hashes[name]:
             return False
-        return d.read_done(shard).get("config_hash") == self.hashes[name]
+        return marker.get("input_lineage") == self.input.read_done(shard).get("lineage", "")
 
     def read_done(self, shard: str) -> dict[str, Any]:
-        if shard not in self._done:
-            self._done[shard] = self.summarise(shard)
-        return self._done[shard]
-
-    def summarise(self, shard: str) -> dict[str, Any]:
-        """One summary over the sidecars: a failed sample counts once, with the first sidecar's reason."""
-        stale = [name for name in self.dirs if not self.current(name, shard)]
+        """One summary over the sidecars present: a failed sample counts once, with the first sidecar's reason."""
+        markers = {name: self._marker(name, shard) for name in self.dirs}
+        present = {name: m for name, m in markers.items() if m is not None}
+        stale = sorted(name for name, m in present.items() if m.get("config_hash") != self.hashes[name])
         chash = config_hash(self.config.semantics()) if not stale else "changed: " + ", ".join(stale)
         first_failure: dict[str, str] = {}
         keys: list[str] = []
-        for d in self.dirs.values():
-            index = d.read_index(shard).select(["key", "status", "error_reason"]).to_pylist()
+        for name in present:
+            index = self.dirs[name].read_index(shard).select(["key", "status", "error_reason"]).to_pylist()
             if not keys:
                 keys = [row["key"] for row in index]
             for row in index:
@@ -167,13 +170,20 @@ class FeatureDirs:
         for reason in first_failure.values():
             by_reason[reason] = by_reason.get(reason, 0) + 1
         by_status = {OK: len(keys) - len(first_failure), FAILED: len(first_failure)}
+        inputs = {m.get("input_lineage") for m in present.values()}
         return {
             "shard": shard,
             "config_hash": chash,
+            "input_lineage": inputs.pop() if len(inputs) == 1 else None,  # sidecars from different inputs: outdated
+            "complete": all(self.current(name, shard) for name in self.dirs),
             "rows": len(keys),
             "by_status": {k: v for k, v in by_status.items() if v},
             "by_reason": by_reason,
         }
+
+    def remove_shard(self, shard: str) -> None:
+        for d in self.dirs.values():
+            d.remove_shard(shard)
 
     def remove_stale_temporaries(self) -> None:
         for d in self.dirs.values():
@@ -258,7 +268,7 @@ class FeaturesStage:
         ]
         if resolutions:
             self._write_vae(shard, samples, resolutions)
-        return {**self.dirs.summarise(shard), "sidecars_written": todo}
+        return {**self.dirs.read_done(shard), "sidecars_written": todo}
 
     # -- T5 ------------------------------------------------------------------------------------------------
     def _write_t5(self, shard: str, samples: list[Sample]) -> None:
@@ -288,7 +298,7 @@ class FeaturesStage:
                         key,
                         {"t5.npy": npy_bytes(features[i]), "t5mask.npy": npy_bytes(mask[i].astype(np.uint8))},
                     )
-            done = self._done(T5_SIDECAR, rows, dim=self.t5.dim)
+            done = self._done(T5_SIDECAR, shard, rows, dim=self.t5.dim)
             writer.commit(pa.Table.from_pylist(rows, schema=T5_INDEX), done)
 
     # -- VAE ------------------------------------------------------------------------------------------------
@@ -343,7 +353,7 @@ class FeaturesStage:
             for r in resolutions:
                 sinks[r].close()
                 rows = self._vae_rows(samples, r, failures)
-                writers[r].commit(pa.Table.from_pylist(rows, schema=VAE_INDEX), self._done(names[r], rows))
+                writers[r].commit(pa.Table.from_pylist(rows, schema=VAE_INDEX), self._done(names[r], shard, rows))
         except BaseException:
             for w in writers.values():
                 w.abort()
@@ -396,11 +406,11 @@ class FeaturesStage:
         except Exception as exc:  # not the image's fault: stop with the sample and shard named
             raise RuntimeError(f"{self.input.path(shard)} {sample.key}: {type(exc).__name__}: {exc}") from exc
 
-    def _done(self, name: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    def _done(self, name: str, shard: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         semantics = self.config.sidecars()[name]
         return {
             "stage": f"features/{name}",
-            "config_hash": self.dirs.hashes[name],
+            **lineage(self.dirs.hashes[name], self.input.read_done(shard)),
             "semantics": semantics,
             **_counts(rows),
             **extra,
@@ -422,6 +432,7 @@ def run_features(
     return run_stage(
         output=output,
         stage_dir=FeatureDirs(output, config),
+        input_dir=StageDir(f"{output.rstrip('/')}/{INPUT}"),
         make_stage=lambda: FeaturesStage(output, config),
         tasks=[(shard, None) for shard in shards],
         semantics=config.semantics(),

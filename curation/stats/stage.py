@@ -19,7 +19,7 @@ import fsspec
 import fsspec.implementations.local
 
 from curation.records import OK
-from curation.shards import StageDir, config_hash, write_json_atomic
+from curation.shards import StageDir, config_hash, lineage, write_json_atomic
 from curation.stats.nouns import VALID_THRESHOLD, NounExtractor, NounStats, count_captions, decode_caption
 from curation.stats.report import write_report
 
@@ -72,7 +72,7 @@ class StatsStage:
             "stage": STAGE,
             "shard": shard,
             "rows": len(rows),
-            "config_hash": config_hash(self.config.semantics()),
+            **lineage(config_hash(self.config.semantics()), self.captions.read_done(shard)),
             "by_caption_bytes": {"invalid_utf8": invalid_utf8} if invalid_utf8 else {},
             "started": started,
             "seconds": round(time.time() - started, 3),
@@ -134,10 +134,12 @@ def run_stats(output: str, config: StatsConfig, *, ray_address: str | None = Non
     from curation.runner import Resources, run_stage
 
     root = output.rstrip("/")
-    shards = StageDir(f"{root}/captions").done_shards()
+    captions = StageDir(f"{root}/captions")
+    shards = captions.done_shards()
     summary = run_stage(
         output=output,
         stage_dir=StageDir(f"{root}/{STAGE}"),
+        input_dir=captions,
         make_stage=lambda: StatsStage(output, config),
         tasks=[(s, None) for s in shards],
         semantics=config.semantics(),
