@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 from curation.imaging import ImageDecodeError, header_size
@@ -22,7 +23,9 @@ class IngestConfig:
 
     def semantics(self) -> dict:
         """What decides the output's content: a rerun with other values is refused (see runner)."""
-        return {"source": self.source, "input": self.input, "shard_size": self.shard_size}
+        # `data`, `./data` and `/abs/data` are one input; URLs are kept as given.
+        where = self.input if "://" in self.input else os.path.abspath(self.input)
+        return {"source": self.source, "input": where, "shard_size": self.shard_size}
 
 
 def plan_shards(items: list[SourceItem], shard_size: int) -> list[tuple[str, list[SourceItem]]]:
@@ -130,10 +133,9 @@ def run_ingest(
     from curation.sources import list_source
 
     items = list_source(config.source, config.input)
-    stage = IngestStage(output, config)
     return run_stage(
         output=output,
-        stage_dir=stage.stage_dir,
+        stage_dir=StageDir(f"{output.rstrip('/')}/{STAGE}"),
         make_stage=lambda: IngestStage(output, config),
         tasks=plan_shards(items, config.shard_size),
         semantics=config.semantics(),

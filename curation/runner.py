@@ -339,13 +339,13 @@ def run_shards(
             except RayActorError as exc:
                 # The worker died mid-shard: what it wrote were temporaries, so the shard simply runs again.
                 lost[shard] = lost.get(shard, 0) + 1
-                summary.retried += 1
                 if lost[shard] > max_retries:
                     failure = failure or ShardError(
                         f"[{name}] shard {shard} lost its worker {lost[shard]} times "
                         f"(out of memory? lost nodes?); last: {_one_line(exc)[:300]}"
                     )
                 else:
+                    summary.retried += 1
                     queue.appendleft((shard, payload))
                 waking[actor.ready.remote()] = actor
                 continue

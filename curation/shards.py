@@ -307,10 +307,14 @@ def write_json_atomic(url: str, payload: dict[str, Any]) -> None:
     fs, path = fsspec.core.url_to_fs(url)
     data = json.dumps(payload, indent=1, sort_keys=True, default=str).encode()
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.{TMP_PREFIX}{uuid.uuid4().hex}"
+        folder, name = os.path.split(path)
+        os.makedirs(folder or ".", exist_ok=True)
+        # Named like the shard temporaries, so `remove_stale_temporaries` clears what a killed worker leaves.
+        tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
         with open(tmp, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     else:
         with fs.open(path, "wb") as f:

@@ -2,7 +2,7 @@
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/caption.py --output s3://bucket/run ...
 
-Inside a submitted job `ray.init()` joins the cluster the job runs on; outside one, an embedded local Ray starts.
+Inside a submitted job the code joins the job's cluster (RAY_ADDRESS); outside one, an embedded local Ray starts.
 """
 
 import sys

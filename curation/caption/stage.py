@@ -31,6 +31,9 @@ class CaptionStageConfig:
         model = asdict(self.model)
         for volatile in ("batch_size", "device", "num_threads", "cache_implementation"):
             model.pop(volatile)
+        if not self.model.do_sample:  # greedy decoding never reads them
+            for unused in ("temperature", "top_p", "seed"):
+                model.pop(unused)
         return model
 
 

@@ -312,8 +312,10 @@ class FeaturesStage:
         ms = self.config.multiscale
         ok = {s.key: s for s in samples if s.status == OK}
         names = {r: vae_sidecar(r, ms) for r in resolutions}
-        writers = {r: ShardWriter(self.dirs.dirs[names[r]], shard) for r in resolutions}
+        writers: dict[int, ShardWriter] = {}
         try:
+            for r in resolutions:  # inside the try: a writer that fails to open must not leak the others
+                writers[r] = ShardWriter(self.dirs.dirs[names[r]], shard)
             sinks = {r: _OrderedWrites(writers[r], list(ok)) for r in resolutions}
             failures: dict[str, tuple[str, str]] = {}
             pending: dict[tuple[int, tuple[int, int]], list[tuple[str, np.ndarray]]] = {}

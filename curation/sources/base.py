@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,9 @@ IMAGE_EXTENSIONS = {
     "jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ico", "jp2", "j2k", "avif", "qoi", "ppm", "pgm",
     "pbm", "tga", "dds", "pcx", "psd", "sgi", "jfif",
 }  # fmt: skip
+
+
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_\-]+")  # webdataset splits a member name at its first dot
 
 
 class SourceError(Exception):
@@ -58,7 +62,8 @@ def image_ext(name: str) -> str | None:
 def check_member_name(archive: str, name: str) -> None:
     """Refuse names that would escape an extraction folder; a tool that trusts them writes anywhere."""
     path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or name.startswith("\\") or ":" in path.parts[0]:
+    first = path.parts[0] if path.parts else ""  # `tar -C dir -cf x.tar .` stores a member named "."
+    if path.is_absolute() or ".." in path.parts or name.startswith("\\") or ":" in first:
         raise SourceError(f"unsafe member name {name!r} in {archive}: refusing this archive")
 
 
@@ -89,8 +94,11 @@ def list_tar(url: str) -> list[tuple[str, Member]]:
 
 
 def check_unique(items: list[SourceItem]) -> None:
+    """Keys must be unique and webdataset-safe: refused at listing, before any shard is written."""
     seen: dict[str, SourceItem] = {}
     for item in items:
+        if not _SAFE_KEY.fullmatch(item.key):
+            raise SourceError(f"unsafe key {item.key!r} from {_where(item.image)}: keys may hold only A-Z a-z 0-9 _ -")
         if item.key in seen:
             first = seen[item.key]
             raise SourceError(

@@ -43,6 +43,9 @@ def list_journeydb(input_url: str) -> list[SourceItem]:
                     img_path = record["img_path"]
                 except (json.JSONDecodeError, KeyError, TypeError) as exc:
                     raise SourceError(f"{ann}:{lineno}: not a JourneyDB annotation line ({exc})") from exc
+                if not isinstance(img_path, str):
+                    raise SourceError(f"{ann}:{lineno}: img_path must be a string, got {img_path!r}")
+                prompt = record.get("prompt")
                 base = img_path.rsplit("/", 1)[-1]
                 member = images.get(base)
                 task2 = record.get("Task2") or {}
@@ -53,7 +56,7 @@ def list_journeydb(input_url: str) -> list[SourceItem]:
                         source_id=img_path,
                         ext=image_ext(base) or "",
                         image=member,
-                        original_caption=record.get("prompt"),
+                        original_caption=prompt if prompt is None else str(prompt),
                         source_meta={"task2_caption": task2.get("Caption")} if isinstance(task2, dict) else None,
                         unavailable=None if member else f"image {img_path} not found under {input_url}",
                     )

@@ -44,6 +44,8 @@ def list_sa1b(input_url: str) -> list[SourceItem]:
 
 def sa1b_meta(meta: dict) -> tuple[str | None, dict]:
     """(source id, kept metadata) from an SA-1B json: the `image` object only."""
-    image = meta.get("image") or {}
+    image = meta.get("image")
+    if not isinstance(image, dict):  # a malformed sidecar: keep the sample, drop the metadata
+        return None, {"meta_error": "the json has no `image` object"}
     source_id = str(image["image_id"]) if "image_id" in image else None
     return source_id, {k: image[k] for k in ("image_id", "width", "height", "file_name") if k in image}

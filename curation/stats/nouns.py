@@ -261,11 +261,6 @@ def default_extractor() -> NounExtractor:
     return NounExtractor()
 
 
-def caption_nouns(caption: str) -> list[str]:
-    """Nouns of one caption by the paper's rule (production path, identical to ``reference_nouns``)."""
-    return default_extractor().nouns(caption)
-
-
 def decode_caption(raw: bytes) -> tuple[str, bool]:
     """Decode caption bytes as UTF-8: ``(text, invalid)``, invalid bytes replaced by U+FFFD."""
     try:

@@ -180,7 +180,8 @@ def read_corpus(path: str, column: str):
 
         with fs.open(p, "rb") as fh:
             table = pq.read_table(fh, columns=[column])
-        yield from table.column(column).to_pylist()
+        for value in table.column(column).to_pylist():
+            yield value if value is None or isinstance(value, str) else str(value)
         return
     with fs.open(p, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
@@ -191,7 +192,8 @@ def read_corpus(path: str, column: str):
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not a JSON line ({exc.msg})") from None
-            yield record.get(column) if isinstance(record, dict) else None
+            value = record.get(column) if isinstance(record, dict) else None
+            yield value if value is None or isinstance(value, str) else str(value)
 
 
 def write_local_report(url: str, write) -> str:

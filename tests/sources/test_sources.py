@@ -76,3 +76,30 @@ def test_duplicate_keys_are_refused(tmp_path):
 def test_empty_input_is_a_clear_error(tmp_path):
     with pytest.raises(SourceError, match="no images"):
         list_source("folder", str(tmp_path))
+
+
+def test_a_tar_made_with_dot_lists_its_files(tmp_path, coco_files):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "sa_7.jpg").write_bytes(coco_files[0].read_bytes())
+    with tarfile.open(tmp_path / "x.tar", "w") as tar:
+        tar.add(tmp_path / "d", arcname=".")  # what `tar -C d -cf x.tar .` writes: a "." member first
+    items = list_source("sa1b", str(tmp_path / "x.tar"))
+    assert [i.key for i in items] == ["sa_7"]
+
+
+def test_unsafe_upstream_keys_are_refused_at_listing(tmp_path):
+    _tar_with(tmp_path / "sa.tar", ["sa_1.v2.jpg"])
+    with pytest.raises(SourceError, match="unsafe key 'sa_1.v2'"):
+        list_source("sa1b", str(tmp_path))
+
+
+def test_malformed_annotations_are_clear_errors_not_crashes(tmp_path, coco_files):
+    import json
+
+    from curation.sources.sa1b import sa1b_meta
+
+    assert sa1b_meta({"image": 5})[0] is None  # a broken sidecar keeps the image, drops the metadata
+    (tmp_path / "a.jsonl").write_text(json.dumps({"img_path": 7, "prompt": "x"}) + "\n")
+    (tmp_path / "x.jpg").write_bytes(coco_files[0].read_bytes())
+    with pytest.raises(SourceError, match="img_path must be a string"):
+        list_source("journeydb", str(tmp_path))
