@@ -22,6 +22,15 @@ os.environ.setdefault("HTTP_PROXY", "http://127.0.0.1:9")
 os.environ.setdefault("NLTK_DATA", str(SHARED / "nltk_data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _remove_ray_temp_dirs_of_killed_runs():
+    """The fault tests SIGKILL drivers, which then cannot remove their Ray temp dir: remove what the session left."""
+    before = set(Path("/tmp").glob("ray-*"))
+    yield
+    for path in set(Path("/tmp").glob("ray-*")) - before:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for the whole session (stage runs reuse it instead of starting their own)."""
