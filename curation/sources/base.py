@@ -54,6 +54,13 @@ class SourceItem:
     unavailable: str | None = None  # img2dataset rows whose download failed: kept as failed samples
 
 
+def open_input(input_url: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    """(filesystem, root path, URL prefix): fsspec listings drop the `s3://`; items need it back to be read anywhere."""
+    fs, root = fsspec.core.url_to_fs(input_url)
+    prefix = input_url.split("://", 1)[0] + "://" if "://" in input_url else ""
+    return fs, root, prefix
+
+
 def image_ext(name: str) -> str | None:
     ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
     return ext if ext in IMAGE_EXTENSIONS else None

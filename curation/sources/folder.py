@@ -8,18 +8,15 @@ from __future__ import annotations
 
 from collections import Counter
 
-import fsspec
-
 from curation.records import safe_key
-from curation.sources.base import Member, SourceItem, check_unique, image_ext
+from curation.sources.base import Member, SourceItem, check_unique, image_ext, open_input
 
 
 def list_folder(input_url: str) -> list[SourceItem]:
-    fs, root = fsspec.core.url_to_fs(input_url)
+    fs, root, protocol = open_input(input_url)
     root = root.rstrip("/")
     files = sorted(fs.find(root))
     texts = {f[: -len(".txt")] for f in files if f.endswith(".txt")}
-    protocol = input_url.split("://", 1)[0] + "://" if "://" in input_url else ""
     images = [f for f in files if image_ext(f) is not None]
     stems = Counter(f.rsplit(".", 1)[0] for f in images)
     items = []

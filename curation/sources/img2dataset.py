@@ -6,15 +6,13 @@ Rows of `NNNNN.parquet` whose download failed are kept as failed samples, so the
 
 from __future__ import annotations
 
-import fsspec
 import pyarrow.parquet as pq
 
-from curation.sources.base import SourceItem, check_unique, image_ext, list_tar
+from curation.sources.base import SourceItem, check_unique, image_ext, list_tar, open_input
 
 
 def list_img2dataset(input_url: str) -> list[SourceItem]:
-    fs, root = fsspec.core.url_to_fs(input_url)
-    protocol = input_url.split("://", 1)[0] + "://" if "://" in input_url else ""
+    fs, root, protocol = open_input(input_url)
     tars = sorted(f for f in fs.find(root) if f.endswith(".tar"))
     items = []
     for tar in tars:

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 
-import fsspec
-
 from curation.records import safe_key
-from curation.sources.base import Member, SourceError, SourceItem, check_unique, image_ext, list_tar
+from curation.sources.base import Member, SourceError, SourceItem, check_unique, image_ext, list_tar, open_input
 
 
 def list_journeydb(input_url: str) -> list[SourceItem]:
-    fs, root = fsspec.core.url_to_fs(input_url)
-    protocol = input_url.split("://", 1)[0] + "://" if "://" in input_url else ""
+    fs, root, protocol = open_input(input_url)
     files = sorted(fs.find(root))
     annotations = [f for f in files if f.endswith(".jsonl")]
     if not annotations:

@@ -6,14 +6,11 @@ The json's `image` object (`image_id`, `width`, `height`, `file_name`) is kept a
 
 from __future__ import annotations
 
-import fsspec
-
-from curation.sources.base import Member, SourceItem, check_unique, image_ext, list_tar
+from curation.sources.base import Member, SourceItem, check_unique, image_ext, list_tar, open_input
 
 
 def list_sa1b(input_url: str) -> list[SourceItem]:
-    fs, root = fsspec.core.url_to_fs(input_url)
-    protocol = input_url.split("://", 1)[0] + "://" if "://" in input_url else ""
+    fs, root, protocol = open_input(input_url)
     files = [root] if fs.isfile(root) else sorted(fs.find(root))
     entries: list[tuple[str, Member]] = []
     for f in files:
