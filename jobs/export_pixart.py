@@ -1,6 +1,6 @@
 """Job: `curation export-pixart` (file layout only, no Ray; run it where the InternData folder should be written).
 
-    ray job submit --working-dir . -- python jobs/export_pixart.py --output OUT --to /data/InternData ...
+ray job submit --working-dir . -- python jobs/export_pixart.py --output OUT --to /data/InternData ...
 """
 
 import sys
