@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import os
 import shutil
@@ -213,7 +214,7 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
         try:
             yield
         finally:
-            ray.shutdown()
+            _shutdown(ray)
         return
     # Usage stats send data off the machine; an embedded cluster has no reason to.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -229,8 +230,15 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
         )
         yield
     finally:
-        ray.shutdown()
+        _shutdown(ray)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _shutdown(ray) -> None:
+    # Actor handles and object refs caught in reference cycles are freed by the garbage collector; freed after
+    # shutdown, their finalizers call into a dead core worker and abort the process (SIGABRT at exit). Free them now.
+    gc.collect()
+    ray.shutdown()
 
 
 class _StageActor:

@@ -46,6 +46,9 @@ def ray_local():
         log_to_driver=False,
     )
     yield ray
+    import gc
+
+    gc.collect()  # free cyclic actor handles / object refs while Ray is alive (see curation.runner._shutdown)
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -113,7 +113,8 @@ def test_sigkill_mid_features_then_rerun_changes_nothing(tmp_path, coco_files, t
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(list((outs[1] / "features" / "vae256").glob("*.done.json"))) < 12, "the kill must land mid-run"
-    subprocess.run([*cli, *feats, "--output", str(outs[1])], check=True, env=env, capture_output=True)
+    rerun = subprocess.run([*cli, *feats, "--output", str(outs[1])], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
     for stage in ("features/t5", "features/vae256"):
         ref, got = tar_members(outs[0], stage), tar_members(outs[1], stage)
         assert set(ref) == set(got) == set(index_rows(outs[0], "captions"))
