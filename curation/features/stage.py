@@ -144,17 +144,23 @@ class FeatureDirs:
             return None
         return d.read_done(shard)
 
-    def current(self, name: str, shard: str) -> bool:
-        """Whether sidecar `name` of `shard` is done with this config, from the captions shard as it is now."""
-        marker = self._marker(name, shard)
+    def current(self, name: str, shard: str, *, marker: Any = False, upstream: str | None = None) -> bool:
+        """Whether sidecar `name` of `shard` is done with this config, from the captions shard as it is now.
+
+        `marker` and `upstream` (the captions shard's lineage) may be passed when already read.
+        """
+        marker = self._marker(name, shard) if marker is False else marker
         if marker is None or marker.get("config_hash") != self.hashes[name]:
             return False
-        return marker.get("input_lineage") == self.input.read_done(shard).get("lineage", "")
+        if upstream is None:
+            upstream = self.input.read_done(shard).get("lineage", "")
+        return marker.get("input_lineage") == upstream
 
     def read_done(self, shard: str) -> dict[str, Any]:
         """One summary over the sidecars present: a failed sample counts once, with the first sidecar's reason."""
         markers = {name: self._marker(name, shard) for name in self.dirs}
         present = {name: m for name, m in markers.items() if m is not None}
+        upstream = self.input.read_done(shard).get("lineage", "")
         stale = sorted(name for name, m in present.items() if m.get("config_hash") != self.hashes[name])
         chash = config_hash(self.config.semantics()) if not stale else "changed: " + ", ".join(stale)
         first_failure: dict[str, str] = {}
@@ -175,7 +181,7 @@ class FeatureDirs:
             "shard": shard,
             "config_hash": chash,
             "input_lineage": inputs.pop() if len(inputs) == 1 else None,  # sidecars from different inputs: outdated
-            "complete": all(self.current(name, shard) for name in self.dirs),
+            "complete": all(self.current(name, shard, marker=m, upstream=upstream) for name, m in markers.items()),
             "rows": len(keys),
             "by_status": {k: v for k, v in by_status.items() if v},
             "by_reason": by_reason,
