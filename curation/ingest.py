@@ -1,4 +1,11 @@
-"""Ingest stage: a source layout -> `images/` shards (original bytes, sizes from headers, buckets, failures as rows)."""
+"""Ingest stage: a source layout -> `images/` shards (original bytes, sizes from headers, buckets, failures as rows).
+
+Three phases, each run by Ray tasks, so the driver plans source shards and never holds a sample:
+1. list: tasks scan the input folder by folder and list each source shard (an img2dataset tar, an SA-1B tar, a
+   JourneyDB archive, a folder) into `OUT/listings/units/<unit>.parquet` (keys, member offsets, sizes);
+2. keys: partitioned passes over the listings refuse a key that appears twice, before any image shard is written;
+3. write: one task per output shard `<unit>-<part>` reads its slice of a listing, the image headers and bytes.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,21 @@ import json
 import os
 from dataclasses import dataclass
 
+import fsspec
+import fsspec.implementations.local
+
 from curation.imaging import ImageDecodeError, header_size
 from curation.records import Sample, count_statuses, samples_to_table
 from curation.shards import ShardWriter, StageDir, config_hash, lineage
+from curation.sources import SourceError, plan_source
 from curation.sources.base import Member, SourceItem, load_json, read_members
+from curation.sources.listing import read_listing
 from curation.sources.sa1b import sa1b_meta
 
 STAGE = "images"
+LISTINGS = "listings"
+# How the input is cut into shards; part of the config hash, so an output planned another way is refused, not mixed.
+PLAN_SCHEME = "source-shards/1"
 
 
 @dataclass(frozen=True)
@@ -25,14 +40,7 @@ class IngestConfig:
         """What decides the output's content: a rerun with other values is refused (see runner)."""
         # `data`, `./data` and `/abs/data` are one input; URLs are kept as given.
         where = self.input if "://" in self.input else os.path.abspath(self.input)
-        return {"source": self.source, "input": where, "shard_size": self.shard_size}
-
-
-def plan_shards(items: list[SourceItem], shard_size: int) -> list[tuple[str, list[SourceItem]]]:
-    """Consecutive groups of `shard_size` items in listing order (sources list deterministically)."""
-    if shard_size < 1:
-        raise ValueError("shard size must be at least 1")
-    return [(f"{i // shard_size:05d}", items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
+        return {"source": self.source, "input": where, "shard_size": self.shard_size, "plan": PLAN_SCHEME}
 
 
 class IngestStage:
@@ -45,7 +53,11 @@ class IngestStage:
     def setup(self) -> None:
         pass
 
-    def process(self, shard: str, items: list[SourceItem]) -> dict:
+    def process(self, shard: str, listing_slice: tuple[str, int, int]) -> dict:
+        """One output shard from rows [start, stop) of a unit's listing."""
+        return self.write(shard, read_listing(*listing_slice))
+
+    def write(self, shard: str, items: list[SourceItem]) -> dict:
         wanted: list[Member] = []
         for item in items:
             wanted.extend(m for m in (item.image, item.caption, item.meta) if m is not None)
@@ -73,10 +85,10 @@ def ingest_item(item: SourceItem, data: dict[Member, bytes | Exception]) -> tupl
         source_id=item.source_id,
         ext=item.ext,
         original_caption=item.original_caption,
-        source_meta=json.dumps(item.source_meta) if item.source_meta else None,
+        source_meta=json.dumps(item.source_meta, ensure_ascii=False, default=str) if item.source_meta else None,
     )
     if item.image is None:
-        sample.fail("missing_image", item.unavailable or "no image")
+        sample.fail(item.unavailable_reason, item.unavailable or "no image")
         return sample, None
     _apply_sidecars(sample, item, data)
     image = data.get(item.image, FileNotFoundError(f"{item.image} was not read"))
@@ -115,8 +127,8 @@ def _apply_sidecars(sample: Sample, item: SourceItem, data: dict[Member, bytes |
         sample.source_meta = json.dumps(kept)
     else:  # img2dataset: url, alt-text and the downloader's own fields
         sample.source_id = str(meta.get("url") or sample.source_id)
-        if sample.original_caption is None and meta.get("caption") is not None:
-            sample.original_caption = str(meta["caption"])
+        if "caption" in meta:  # the json keeps a null caption null; its .txt holds "" for it
+            sample.original_caption = None if meta["caption"] is None else str(meta["caption"])
         sample.source_meta = json.dumps(meta, ensure_ascii=False, default=str)
 
 
@@ -127,20 +139,48 @@ def run_ingest(
     ray_address: str | None = None,
     force: bool = False,
     progress: bool = True,
+    workers: int | None = None,
 ):
-    """List the source on the driver (cheap), then ingest its shards on Ray."""
-    from curation.runner import Resources, run_stage
-    from curation.sources import list_source
+    """Plan the input's source shards and ingest them on Ray; `workers` bounds the tasks and actors at once."""
+    from curation.runner import Resources, output_lock, ray_session, run_stage, run_tasks
 
-    items = list_source(config.source, config.input)
-    return run_stage(
-        output=output,
-        stage_dir=StageDir(f"{output.rstrip('/')}/{STAGE}"),
-        make_stage=lambda: IngestStage(output, config),
-        tasks=plan_shards(items, config.shard_size),
-        semantics=config.semantics(),
-        resources=Resources(num_cpus=1),
-        ray_address=ray_address,
-        force=force,
-        progress=progress,
-    )
+    check_paths(config.input, output)
+    if config.shard_size < 1:
+        raise SourceError("--shard-size must be at least 1")
+
+    def map_tasks(label, fn, tasks):
+        return run_tasks(f"{STAGE} {label}", fn, tasks, max_in_flight=workers, progress=progress)
+
+    with output_lock(output), ray_session(ray_address):
+        plan = plan_source(config.source, config.input, f"{output.rstrip('/')}/{LISTINGS}", map_tasks)
+        summary = run_stage(
+            output=output,
+            stage_dir=StageDir(f"{output.rstrip('/')}/{STAGE}"),
+            make_stage=lambda: IngestStage(output, config),
+            tasks=plan.shards(config.shard_size),
+            semantics=config.semantics(),
+            resources=Resources(num_cpus=1, workers=workers),
+            ray_address=ray_address,
+            force=force,
+            progress=progress,
+        )
+    if plan.skipped:
+        summary.counts["by_skipped"] = dict(plan.skipped)
+    return summary
+
+
+def check_paths(input_url: str, output: str) -> None:
+    """An input that is not there, or an output inside the input (a rerun would ingest its own shards): one line."""
+    in_fs, in_path = fsspec.core.url_to_fs(input_url)
+    if not in_fs.exists(in_path):
+        raise SourceError(f"the input {input_url} does not exist")
+    out_fs, out_path = fsspec.core.url_to_fs(output)
+    if type(in_fs) is not type(out_fs):
+        return
+    if isinstance(in_fs, fsspec.implementations.local.LocalFileSystem):
+        in_path, out_path = os.path.realpath(in_path), os.path.realpath(out_path)
+    if (out_path.rstrip("/") + "/").startswith(in_path.rstrip("/") + "/"):
+        raise SourceError(
+            f"the output {output} is inside the input {input_url}: a rerun would list the output as input; "
+            "choose an output folder outside it"
+        )

@@ -112,7 +112,8 @@ def pending_shards(
     A done shard made with another config is refused unless `force`: a rerun must not silently mix configs.
     """
     done = set(stage_dir.done_shards())
-    markers = _markers(stage_dir, sorted(done & set(shards)))
+    # Every done shard, planned or not: an output made by an older plan (other shard names) is refused too.
+    markers = _markers(stage_dir, sorted(done))
     changed = sorted(s for s, marker in markers.items() if marker.get("config_hash") != chash)
     if changed and not force:
         raise SetupError(
@@ -125,6 +126,7 @@ def pending_shards(
         if (input_lineage is not None and marker.get("input_lineage") != input_lineage.get(s))
         or not marker.get("complete", True)
     }
+    changed = set(changed)
     return [s for s in shards if s not in done or s in changed or s in outdated]
 
 
@@ -150,6 +152,9 @@ def drop_stale_shards(stage_dir: StageDir, shards: list[str], chash: str) -> lis
     return stale
 
 
+_HELD_LOCKS: set[str] = set()
+
+
 @contextlib.contextmanager
 def output_lock(output: str) -> Iterator[None]:
     """One run per output at a time. A local flock dies with its process, so a SIGKILLed run never blocks a rerun.
@@ -157,8 +162,9 @@ def output_lock(output: str) -> Iterator[None]:
     Object stores have no such lock: there, only one driver per output is supported (documented in the README).
     """
     fs, root = fsspec.core.url_to_fs(output)
-    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        yield
+    held = os.path.realpath(root)
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem) or held in _HELD_LOCKS:
+        yield  # object store, or already held by this process (a multi-phase stage runs its phases under one lock)
         return
     try:
         os.makedirs(root, exist_ok=True)
@@ -178,9 +184,11 @@ def output_lock(output: str) -> Iterator[None]:
     fh.truncate()
     fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     fh.flush()
+    _HELD_LOCKS.add(held)
     try:
         yield
     finally:
+        _HELD_LOCKS.discard(held)
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
 
@@ -270,10 +278,10 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _task_failure(name: str, shard: str, exc: Exception) -> Exception:
+def _task_failure(name: str, shard: str | None, exc: Exception) -> Exception:
     """The exception that ends the run for a shard that raised: one line for the environment's errors."""
     cause = getattr(exc, "cause", None)
-    if isinstance(cause, SetupError):
+    if isinstance(cause, SetupError) or (shard is None and isinstance(cause, _USER_ERRORS)):
         return ShardError(f"[{name}] {_one_line(cause)}")
     if isinstance(cause, _USER_ERRORS):
         return ShardError(f"[{name}] shard {shard} failed: {_one_line(cause)}")
@@ -376,6 +384,49 @@ def run_shards(
             ray.kill(actor)
     summary.seconds = time.time() - started
     return summary
+
+
+def run_tasks(
+    name: str,
+    fn: Callable[..., Any],
+    tasks: list[tuple[str, tuple]],
+    *,
+    max_in_flight: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run `fn(*args)` for each (task id, args) as Ray tasks; returns {task id: result}.
+
+    For planning work whose results are small (listings, key checks): stateless, so Ray's own retry serves (a task
+    whose worker dies runs again; what it writes is atomic). An error raised by a task stops the run in one line.
+    """
+    import ray
+    from ray.exceptions import RayTaskError
+    from tqdm import tqdm
+
+    remote = ray.remote(num_cpus=1, max_retries=3)(fn)
+    limit = max_in_flight or len(tasks) or 1
+    queue = deque(tasks)
+    running: dict[Any, str] = {}
+    results: dict[str, Any] = {}
+    bar = tqdm(total=len(tasks), desc=name, unit="task", disable=not progress, file=sys.stderr)
+    try:
+        while queue or running:
+            while queue and len(running) < limit:
+                task_id, args = queue.popleft()
+                running[remote.remote(*args)] = task_id
+            ready, _ = ray.wait(list(running), num_returns=min(len(running), 64), timeout=1.0)
+            for ref in ready:
+                task_id = running.pop(ref)
+                try:
+                    results[task_id] = ray.get(ref)
+                except RayTaskError as exc:
+                    raise _task_failure(name, None, exc) from None
+                bar.update(1)
+    finally:
+        bar.close()
+        for ref in running:
+            ray.cancel(ref)
+    return results
 
 
 def _placement(resources: Resources, n_tasks: int) -> tuple[float, int]:

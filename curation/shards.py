@@ -304,8 +304,18 @@ def _write_error(path: str, exc: OSError) -> ShardWriteError:
 
 def write_json_atomic(url: str, payload: dict[str, Any]) -> None:
     """Small JSON files beside the shards (run_config.json, reports), written atomically too."""
+    write_bytes_atomic(url, json.dumps(payload, indent=1, sort_keys=True, default=str).encode())
+
+
+def write_parquet_atomic(url: str, table: pa.Table) -> None:
+    """Listing files and other small indexes: a reader sees the whole file or none."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes_atomic(url, buf.getvalue())
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
     fs, path = fsspec.core.url_to_fs(url)
-    data = json.dumps(payload, indent=1, sort_keys=True, default=str).encode()
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
         folder, name = os.path.split(path)
         os.makedirs(folder or ".", exist_ok=True)
@@ -317,5 +327,4 @@ def write_json_atomic(url: str, payload: dict[str, Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all

@@ -83,7 +83,7 @@ def test_archive_layouts(tmp_path, coco_files, ray_local, layout):
     if layout == "img2dataset":
         assert rows["000000002"]["original_caption"] == "ünïcode"
         assert rows["000000000"]["source_id"].startswith("https://")
-        assert rows["000000003"]["error_reason"] == "missing_image" and "404" in rows["000000003"]["error"]
+        assert rows["000000003"]["error_reason"] == "failed_to_download" and "404" in rows["000000003"]["error"]
     if layout == "journeydb":
         assert rows["0000deadbeef"]["original_caption"].startswith("a photo number 0")
 

@@ -1,31 +1,158 @@
-"""Source layouts. Each lists its samples cheaply on the driver; shard workers read the bytes."""
+"""Source layouts, and the plan that turns an input into source shards without the driver touching a sample.
+
+    scan      tasks list the input folder by folder (sub-folders, archives by name, loose files into listing files)
+    plan      the driver groups archives and folders into units, one per source shard, from names alone
+    list      one task per unit lists its samples into `listings/units/<unit>.parquet`
+    keys      partitioned passes over the listings refuse a key that appears twice, naming both places
+
+`map_tasks(label, fn, [(task id, args)]) -> {task id: fn(*args)}` runs each phase: Ray tasks in an ingest, a plain
+loop in `list_source` (tests and tools on small inputs). Nothing the driver holds grows with the number of samples.
+"""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from curation.sources.base import SourceError, SourceItem
-from curation.sources.folder import list_folder
-from curation.sources.img2dataset import list_img2dataset
-from curation.sources.journeydb import list_journeydb
-from curation.sources.sa1b import list_sa1b
+import fsspec
+
+from curation.sources import folder, img2dataset, journeydb, sa1b
+from curation.sources.base import (
+    CONTAINER_SUFFIXES,
+    ScannedDir,
+    SourceError,
+    SourceItem,
+    Unit,
+    check_unique,
+    suffix_of,
+)
+from curation.sources.listing import check_keys, read_listing, scan_dir, write_listing
 
 # The registry also feeds the CLI's --source choices.
-SOURCES: dict[str, Callable[[str], list[SourceItem]]] = {
-    "folder": list_folder,
-    "sa1b": list_sa1b,
-    "img2dataset": list_img2dataset,
-    "journeydb": list_journeydb,
-}
+SOURCES: dict[str, Any] = {"folder": folder, "sa1b": sa1b, "img2dataset": img2dataset, "journeydb": journeydb}
+KEYS_PER_PASS = 4_000_000  # keys one key-check task holds (Arrow strings: ~100 MB)
+
+MapTasks = Callable[[str, Callable[..., Any], list[tuple[str, tuple]]], dict[str, Any]]
 
 
-def list_source(name: str, input_url: str) -> list[SourceItem]:
+@dataclass
+class SourcePlan:
+    """Per unit: its listing file and how many samples it holds; plus what was skipped, by reason."""
+
+    units: list[tuple[Unit, str, int]]
+    skipped: Counter = field(default_factory=Counter)
+
+    @property
+    def samples(self) -> int:
+        return sum(n for _, _, n in self.units)
+
+    def shards(self, shard_size: int) -> list[tuple[str, tuple[str, int, int]]]:
+        """(shard name, (listing, start, stop)): `<unit>-000`, `<unit>-001`, ... in each unit's key order."""
+        if shard_size < 1:
+            raise SourceError("shard size must be at least 1")
+        out = []
+        for unit, listing, n in self.units:
+            parts = math.ceil(n / shard_size)
+            width = max(3, len(str(parts - 1)))
+            for p in range(parts):
+                out.append((f"{unit.id}-{p:0{width}d}", (listing, p * shard_size, min(n, (p + 1) * shard_size))))
+        return out
+
+
+def plan_source(name: str, input_url: str, work_url: str, map_tasks: MapTasks) -> SourcePlan:
     if name not in SOURCES:
         raise SourceError(f"unknown source {name!r}; choose from {sorted(SOURCES)}")
-    items = SOURCES[name](input_url)
-    if not items:
-        raise SourceError(f"no images found for source {name!r} under {input_url}")
-    return items
+    layout = SOURCES[name]
+    work_url = work_url.rstrip("/")
+    dirs = scan_input(input_url, f"{work_url}/scan", map_tasks)
+    if name == "journeydb":
+        units, skipped = layout.plan(dirs, input_url, f"{work_url}/annotations")
+        files = journeydb.annotation_files(dirs)
+        lines = map_tasks(
+            "annotations", journeydb.split_annotations, [("annotations", (files, f"{work_url}/annotations"))]
+        )
+        claimed = {u.annotations for u in units}
+        skipped["not_downloaded"] += sum(n for part, n in lines["annotations"].items() if part not in claimed)
+    else:
+        units, skipped = layout.plan(dirs, input_url)
+    units = _unique_ids(units)
+    listings = {u.id: f"{work_url}/units/{u.id}.parquet" for u in units}
+    listed = map_tasks("listing", list_unit, [(u.id, (name, u, listings[u.id])) for u in units])
+    for result in listed.values():
+        skipped.update(result["skipped"])
+    plan = SourcePlan([(u, listings[u.id], listed[u.id]["items"]) for u in units], +skipped)
+    if plan.samples == 0:
+        found = ", ".join(f"{k}={v}" for k, v in sorted(plan.skipped.items()))
+        raise SourceError(
+            f"no images found for source {name!r} under {input_url}" + (f" (skipped: {found})" * bool(found))
+        )
+    parts = math.ceil(plan.samples / KEYS_PER_PASS)
+    urls = [listing for _, listing, n in plan.units if n]
+    map_tasks("keys", check_keys, [(str(p), (urls, p, parts)) for p in range(parts)])
+    return plan
 
 
-__all__ = ["SOURCES", "SourceError", "SourceItem", "list_source"]
+def scan_input(input_url: str, scan_url: str, map_tasks: MapTasks) -> list[ScannedDir]:
+    """Every folder of the input, scanned by tasks one level at a time (the driver learns folder names only)."""
+    fs, root = fsspec.core.url_to_fs(input_url)
+    if not fs.exists(root):
+        raise SourceError(f"the input {input_url} does not exist")
+    if fs.isfile(root):  # one archive or annotation file given directly
+        if not suffix_of(root, CONTAINER_SUFFIXES):
+            raise SourceError(f"the input {input_url} is a single file; give the folder that holds it")
+        parent = input_url.rsplit("/", 1)[0]
+        return [ScannedDir(parent, "", (), ((input_url, fs.size(root)),), 0, (), None)]
+    dirs, wave = [], [(input_url.rstrip("/"), "")]
+    while wave:
+        found = map_tasks("scan", scan_dir, [(rel or ".", (url, rel, scan_url)) for url, rel in wave])
+        wave = []
+        for d in found.values():
+            dirs.append(d)
+            wave += [(s, f"{d.rel}/{_name(s)}" if d.rel else _name(s)) for s in d.subdirs]
+    return sorted(dirs, key=lambda d: d.rel)
+
+
+def _name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def list_unit(source: str, unit: Unit, listing: str) -> dict[str, Any]:
+    """The listing task of one unit: its samples into `listing`, their count and what was skipped."""
+    items, skipped = SOURCES[source].list_unit(unit)
+    check_unique(items)
+    write_listing(listing, items)
+    return {"items": len(items), "skipped": dict(skipped)}
+
+
+def _unique_ids(units: list[Unit]) -> list[Unit]:
+    """Ids are safe relative paths; two can meet (`a b.tar`, `a_b.tar`): the later one gets a numbered suffix."""
+    seen: set[str] = set()
+    out = []
+    for unit in sorted(units, key=lambda u: (u.rel, u.kind)):
+        uid, n = unit.id, 1
+        while uid in seen:
+            n += 1
+            uid = f"{unit.id}_{n}"
+        seen.add(uid)
+        out.append(unit if uid == unit.id else Unit(uid, unit.kind, unit.url, unit.rel, unit.listing, unit.sidecar,
+                                                     unit.annotations))  # fmt: skip
+    return out
+
+
+def local_map(label: str, fn: Callable[..., Any], tasks: list[tuple[str, tuple]]) -> dict[str, Any]:
+    return {task_id: fn(*args) for task_id, args in tasks}
+
+
+def list_source(name: str, input_url: str, work_url: str | None = None) -> list[SourceItem]:
+    """Every item of a (small) input, listed in this process: for tests and tools, not for ingest at scale."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="curation-listing-") as tmp:
+        plan = plan_source(name, input_url, work_url or tmp, local_map)
+        return [item for _, listing, _ in plan.units for item in read_listing(listing)]
+
+
+__all__ = ["SOURCES", "SourceError", "SourceItem", "SourcePlan", "list_source", "plan_source"]

@@ -1,4 +1,9 @@
-"""What every source layout yields: cheap listings on the driver, byte reads in the shard workers."""
+"""What every source layout is made of: scanned folders, source shards ("units"), listed items, byte reads.
+
+The driver sees only folder names and the names and sizes of archives (`ScannedDir`); it groups them into units,
+one per source shard (an img2dataset `NNNNN.tar`, an SA-1B tar, a JourneyDB image archive, a folder of loose
+files). Workers list a unit's members into `SourceItem`s and, later, read the bytes.
+"""
 
 from __future__ import annotations
 
@@ -14,28 +19,36 @@ from typing import Any
 
 import fsspec
 import fsspec.implementations.local
+import pyarrow.parquet as pq
+
+from curation.records import safe_key
 
 IMAGE_EXTENSIONS = {
-    "jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ico", "jp2", "j2k", "avif", "qoi", "ppm", "pgm",
-    "pbm", "tga", "dds", "pcx", "psd", "sgi", "jfif",
+    "jpg", "jpeg", "jpe", "jfif", "png", "apng", "mpo", "webp", "gif", "bmp", "tif", "tiff", "ico", "jp2", "j2k",
+    "avif", "avifs", "qoi", "ppm", "pgm", "pbm", "pnm", "tga", "dds", "pcx", "psd", "sgi",
 }  # fmt: skip
-
+ARCHIVE_SUFFIXES = (".tar", ".tgz", ".tar.gz")
+ANNOTATION_SUFFIXES = (".jsonl", ".jsonl.tgz", ".jsonl.tar.gz", ".jsonl.gz")
+# Files the driver is told about by name: the archives, indexes and annotation files that define source shards.
+CONTAINER_SUFFIXES = (*ANNOTATION_SUFFIXES, *ARCHIVE_SUFFIXES, ".parquet")
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_\-]+")  # webdataset splits a member name at its first dot
 
 
-class SourceError(Exception):
-    """The input cannot be read as the layout it claims (unsafe or duplicate members, missing annotations)."""
+class SourceError(ValueError):
+    """The input cannot be read as the layout it claims (wrong --source, unsafe or duplicate members, no
+    annotations): one line naming the problem and the fix."""
 
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """Where the bytes of one file are: a plain file (`member` None) or a member of a tar archive."""
+    """Where the bytes of one file are: a plain file, a member of a tar, or a binary cell of a parquet file."""
 
-    container: str  # fsspec URL of the file or archive
+    container: str  # fsspec URL of the file, archive or parquet file
     member: str | None = None
-    offset: int | None = None  # data offset in an uncompressed tar: read by seeking, not scanning
+    offset: int | None = None  # data offset in an uncompressed tar (read by seeking), or the parquet row
     size: int | None = None
+    column: str | None = None  # set for a parquet cell: the binary column holding the image
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,24 +59,77 @@ class SourceItem:
     source: str
     source_id: str
     ext: str
-    image: Member | None  # None: the upstream download failed (see unavailable)
+    image: Member | None  # None: the upstream download failed, or the image is missing (see unavailable)
     caption: Member | None = None  # a UTF-8 text file
     meta: Member | None = None  # a JSON file
-    original_caption: str | None = None  # when the listing already knows it (JourneyDB annotations)
+    original_caption: str | None = None  # when the listing already knows it (annotations, parquet columns)
     source_meta: dict[str, Any] | None = None
-    unavailable: str | None = None  # img2dataset rows whose download failed: kept as failed samples
+    unavailable: str | None = None  # why there is no image: kept as a failed sample with this message
+    unavailable_reason: str = "missing_image"  # its short category (img2dataset's own status where it has one)
 
 
-def open_input(input_url: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
-    """(filesystem, root path, URL prefix): fsspec listings drop the `s3://`; items need it back to be read anywhere."""
-    fs, root = fsspec.core.url_to_fs(input_url)
-    prefix = input_url.split("://", 1)[0] + "://" if "://" in input_url else ""
-    return fs, root, prefix
+@dataclass(frozen=True, slots=True)
+class ScannedDir:
+    """One folder of the input as the driver sees it: sub-folders and archives by name, loose files by count.
+
+    The loose files themselves (names, sizes) are in the parquet file `listing`, written by the scanning task, so a
+    flat folder of millions of images costs the driver one path, not millions.
+    """
+
+    url: str
+    rel: str  # relative to the input root; "" for the root
+    subdirs: tuple[str, ...]  # URLs
+    containers: tuple[tuple[str, int], ...]  # (URL, size) of archives, parquet and annotation files
+    loose: int  # files that are not containers
+    loose_exts: tuple[tuple[str, int], ...]  # the commonest extensions of those files, with counts (bounded)
+    listing: str | None  # parquet of (url, size) for the loose files, when there are any
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """One source shard: listed by one task, ingested into the output shards `<id>-000`, `<id>-001`, ..."""
+
+    id: str
+    kind: str  # "tar" | "parquet" | "dir"
+    url: str  # the archive, parquet file or folder
+    rel: str = ""  # its path relative to the input ("" for the input folder itself)
+    listing: str | None = None  # dir: the scanned loose files
+    sidecar: str | None = None  # img2dataset: the NNNNN.parquet beside a tar or a folder (failed downloads)
+    annotations: str | None = None  # JourneyDB: this archive's share of the annotation file(s)
+
+
+def unit_id(rel: str, suffixes: tuple[str, ...] = CONTAINER_SUFFIXES) -> str:
+    """A unit's id, and so its shards' names: its relative path made safe (`sub/00042.tar` -> `sub__00042`)."""
+    suffix = suffix_of(rel, suffixes)
+    rel = rel[: -len(suffix)] if suffix else rel
+    return safe_key(rel) if rel else "root"
+
+
+def url_of(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
+    """fsspec listings drop the `s3://`; items need it back to be read in any process."""
+    return fs.unstrip_protocol(path) if "://" in like else path
+
+
+def suffix_of(name: str, suffixes: tuple[str, ...]) -> str | None:
+    low = name.lower()
+    return next((s for s in sorted(suffixes, key=len, reverse=True) if low.endswith(s)), None)
+
+
+def stem_of(url: str, suffixes: tuple[str, ...] = CONTAINER_SUFFIXES) -> str:
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    suffix = suffix_of(base, suffixes)
+    return base[: -len(suffix)] if suffix else base
 
 
 def image_ext(name: str) -> str | None:
-    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    base = name.rsplit("/", 1)[-1]
+    ext = base.rsplit(".", 1)[-1].lower() if "." in base else ""
     return ext if ext in IMAGE_EXTENSIONS else None
+
+
+def file_ext(name: str) -> str:
+    base = name.rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[-1].lower() if "." in base.lstrip(".") else ""
 
 
 def check_member_name(archive: str, name: str) -> None:
@@ -100,23 +166,38 @@ def list_tar(url: str) -> list[tuple[str, Member]]:
     return out
 
 
+def read_loose_listing(url: str) -> list[tuple[str, int]]:
+    """(URL, size) of the loose files a scanning task found in one folder."""
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    return list(zip(table.column("url").to_pylist(), table.column("size").to_pylist(), strict=True))
+
+
+def check_key(item: SourceItem) -> None:
+    if not _SAFE_KEY.fullmatch(item.key):
+        raise SourceError(f"unsafe key {item.key!r} from {where(item)}: keys may hold only A-Z a-z 0-9 _ -")
+
+
 def check_unique(items: list[SourceItem]) -> None:
-    """Keys must be unique and webdataset-safe: refused at listing, before any shard is written."""
+    """Keys within one unit: unique and webdataset-safe (across units, the ingest's partitioned key check)."""
     seen: dict[str, SourceItem] = {}
     for item in items:
-        if not _SAFE_KEY.fullmatch(item.key):
-            raise SourceError(f"unsafe key {item.key!r} from {_where(item.image)}: keys may hold only A-Z a-z 0-9 _ -")
+        check_key(item)
         if item.key in seen:
-            first = seen[item.key]
             raise SourceError(
-                f"duplicate key {item.key!r}: {_where(first.image)} and {_where(item.image)}; keys must be unique"
+                f"duplicate key {item.key!r}: {where(seen[item.key])} and {where(item)}; keys must be unique"
             )
         seen[item.key] = item
 
 
-def _where(m: Member | None) -> str:
+def where(item: SourceItem) -> str:
+    """Where a sample comes from, for error messages."""
+    m = item.image
     if m is None:
-        return "(no image)"
+        return item.source_id
+    if m.column:
+        return f"{m.container} row {m.offset}"
     return f"{m.container}:{m.member}" if m.member else m.container
 
 
@@ -133,7 +214,13 @@ def _read_container(container: str, group: list[Member]) -> Iterator[tuple[Membe
     fs, path = fsspec.core.url_to_fs(container)
     pending = {id(m): m for m in group}
     try:
-        if group[0].member is None:
+        if group[0].column is not None:  # img2dataset's parquet output: the image is a binary cell
+            with fs.open(path, "rb") as f:
+                column = pq.ParquetFile(f).read(columns=[group[0].column]).column(0)
+            for m in group:
+                data = column[m.offset].as_py()
+                yield pending.pop(id(m)), data if data is not None else ValueError(f"row {m.offset} has no image")
+        elif group[0].member is None:
             for m in group:
                 data = fs.cat_file(path)
                 yield pending.pop(id(m)), data
@@ -150,7 +237,7 @@ def _read_container(container: str, group: list[Member]) -> Iterator[tuple[Membe
                     if info.name in wanted:
                         m = wanted.pop(info.name)
                         yield pending.pop(id(m)), tar.extractfile(info).read()
-    except (OSError, tarfile.TarError) as exc:
+    except (OSError, tarfile.TarError, ValueError) as exc:
         for m in pending.values():
             yield m, exc
         return

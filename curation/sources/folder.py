@@ -1,40 +1,104 @@
 """A folder of images (any Pillow format) with optional same-name `.txt` captions.
 
 Key: the relative path stem, made safe (`a/b.jpg` -> `a__b`). Files that share a stem (`x.jpg`, `x.png`) keep
-both, keyed `x_jpg` and `x_png`, rather than refusing a whole dataset for a common habit.
+both, keyed `x_jpg` and `x_png`, rather than refusing a whole dataset for a common habit. A file is an image by its
+extension, or, when the extension is unknown or absent, by its content (Pillow's own format detection). Every other
+file is counted as skipped with a reason; nothing under the input is dropped silently.
+
+Each folder is one source shard (its loose files were listed by the task that scanned it).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+import fsspec
+from PIL import Image, UnidentifiedImageError
+
 from curation.records import safe_key
-from curation.sources.base import Member, SourceItem, check_unique, image_ext, open_input
+from curation.sources.base import (
+    ANNOTATION_SUFFIXES,
+    ARCHIVE_SUFFIXES,
+    IMAGE_EXTENSIONS,
+    Member,
+    ScannedDir,
+    SourceError,
+    SourceItem,
+    Unit,
+    file_ext,
+    image_ext,
+    read_loose_listing,
+    suffix_of,
+    unit_id,
+)
+
+# Pillow format -> the extension its files are written with here.
+_FORMAT_EXT = {fmt: ext.lstrip(".") for ext, fmt in Image.registered_extensions().items()} | {"JPEG": "jpg"}
 
 
-def list_folder(input_url: str) -> list[SourceItem]:
-    fs, root, protocol = open_input(input_url)
-    root = root.rstrip("/")
-    files = sorted(fs.find(root))
-    texts = {f[: -len(".txt")] for f in files if f.endswith(".txt")}
-    images = [f for f in files if image_ext(f) is not None]
-    stems = Counter(f.rsplit(".", 1)[0] for f in images)
+def plan(dirs: list[ScannedDir], input_url: str) -> tuple[list[Unit], Counter]:
+    units = [Unit(unit_id(d.rel), "dir", d.url, listing=d.listing, rel=d.rel) for d in dirs if d.loose]
+    skipped: Counter = Counter()
+    archives = 0
+    for d in dirs:
+        for url, _ in d.containers:
+            kind = "archive" if suffix_of(url, ARCHIVE_SUFFIXES) and not suffix_of(url, ANNOTATION_SUFFIXES) else None
+            archives += kind == "archive"
+            skipped[kind or "not_an_image"] += 1
+    if archives and not any(ext in IMAGE_EXTENSIONS or ext not in ("txt", "json") for d in dirs for ext, _ in
+                            d.loose_exts):  # fmt: skip
+        raise SourceError(
+            f"{input_url} holds {archives} tar archive(s) and no loose images: for webdataset tars as img2dataset "
+            "writes them use --source img2dataset; for SA-1B tars use --source sa1b"
+        )
+    return units, skipped
+
+
+def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:
+    files = read_loose_listing(unit.listing)
+    skipped: Counter = Counter()
+    texts = {url[: -len(".txt")] for url, _ in files if url.endswith(".txt")}
+    images: list[tuple[str, str]] = []  # (url, ext)
+    for url, _ in files:
+        if url.endswith(".txt"):
+            continue
+        ext = image_ext(url) or _sniff(url)
+        if ext is None:
+            skipped["not_an_image"] += 1
+        else:
+            images.append((url, ext))
+    stems = Counter(_stem(url) for url, _ in images)
+    paired = {_stem(url) for url, _ in images} & texts
+    skipped["caption_without_image"] += len(texts - paired)
+    prefix = f"{unit.rel}/" if unit.rel else ""
     items = []
-    for f in images:
-        ext = image_ext(f)
-        rel = f[len(root) + 1 :]
-        stem = f.rsplit(".", 1)[0]
-        caption = Member(protocol + stem + ".txt") if stem in texts else None
-        rel_stem = rel.rsplit(".", 1)[0]
+    for url, ext in images:
+        name = url.rsplit("/", 1)[-1]
+        rel_stem = prefix + _stem(name)
         items.append(
             SourceItem(
-                key=safe_key(rel_stem if stems[stem] == 1 else f"{rel_stem}_{ext}"),
+                key=safe_key(rel_stem if stems[_stem(url)] == 1 else f"{rel_stem}_{file_ext(name) or ext}"),
                 source="folder",
-                source_id=rel,
+                source_id=prefix + name,
                 ext=ext,
-                image=Member(protocol + f),
-                caption=caption,
+                image=Member(url),
+                caption=Member(_stem(url) + ".txt") if _stem(url) in texts else None,
             )
         )
-    check_unique(items)
-    return items
+    return items, +skipped
+
+
+def _stem(url: str) -> str:
+    base = url.rsplit("/", 1)[-1]
+    return url[: -len(base)] + (base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base)
+
+
+def _sniff(url: str) -> str | None:
+    """The image extension of a file whose name does not tell (`IMG_0001`, `photo.jpeg_large`), from its header."""
+    try:
+        with fsspec.open(url, "rb") as f, Image.open(f) as im:
+            fmt = im.format
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+    ext = _FORMAT_EXT.get(fmt)
+    return ext if ext in IMAGE_EXTENSIONS else None

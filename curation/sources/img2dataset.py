@@ -1,64 +1,162 @@
-"""LAION as img2dataset writes it: `NNNNN.tar` (`<key>.jpg`, `<key>.txt`, `<key>.json`) beside `NNNNN.parquet`.
+"""LAION as img2dataset writes it, in each of its output formats; one source shard per img2dataset shard:
 
-Keys are img2dataset's 9 digits (5 shard + 4 index). The alt-text is the original caption; the url is the source id.
-Rows of `NNNNN.parquet` whose download failed are kept as failed samples, so the index accounts for every url.
+    webdataset  NNNNN.tar (<key>.jpg, <key>.txt, <key>.json) beside NNNNN.parquet (every url's row)
+    files       NNNNN/ (<key>.jpg, <key>.txt, <key>.json) beside NNNNN.parquet
+    parquet     NNNNN.parquet alone, the image bytes in its `jpg` column
+
+Keys are img2dataset's digits (shard + index). The alt-text is the original caption (a null caption stays null);
+the url is the source id. Rows whose download or resize failed are kept as failed samples with img2dataset's own
+status as the reason (`failed_to_download`, `failed_to_resize`) and its error message, so the index accounts for
+every url.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+from typing import Any
+
+import fsspec
 import pyarrow.parquet as pq
 
-from curation.sources.base import SourceItem, check_unique, image_ext, list_tar, open_input
+from curation.sources.base import (
+    ARCHIVE_SUFFIXES,
+    IMAGE_EXTENSIONS,
+    Member,
+    ScannedDir,
+    SourceError,
+    SourceItem,
+    Unit,
+    image_ext,
+    list_tar,
+    read_loose_listing,
+    stem_of,
+    unit_id,
+)
+
+_SA1B = re.compile(r"sa_\d+")
+_IMAGE_COLUMNS = ("jpg", "png", "webp")  # img2dataset names the column after the encode format
 
 
-def list_img2dataset(input_url: str) -> list[SourceItem]:
-    fs, root, protocol = open_input(input_url)
-    tars = sorted(f for f in fs.find(root) if f.endswith(".tar"))
-    items = []
-    for tar in tars:
-        members = list_tar(protocol + tar)
-        by_name = dict(members)
-        for name, member in members:
-            ext = image_ext(name)
-            if ext is None:
-                continue
-            stem = name.rsplit(".", 1)[0]
-            items.append(
-                SourceItem(
-                    key=stem.rsplit("/", 1)[-1],
-                    source="img2dataset",
-                    source_id=stem.rsplit("/", 1)[-1],  # replaced by the url from the json
-                    ext=ext,
-                    image=member,
-                    caption=by_name.get(stem + ".txt"),
-                    meta=by_name.get(stem + ".json"),
-                )
-            )
-        items.extend(_failed_downloads(fs, protocol, tar[: -len(".tar")] + ".parquet", {i.key for i in items}))
-    check_unique(items)
-    return items
+def plan(dirs: list[ScannedDir], input_url: str) -> tuple[list[Unit], Counter]:
+    by_url = {d.url: d for d in dirs}
+    units, skipped = [], Counter()
+    for d in dirs:
+        parquets = {stem_of(u): u for u, _ in d.containers if u.endswith(".parquet")}
+        subdirs = {s.rstrip("/").rsplit("/", 1)[-1]: s for s in d.subdirs}
+        tars = [u for u, _ in d.containers if u.endswith(".tar")]
+        if tars and all(_SA1B.fullmatch(stem_of(u)) for u in tars):
+            raise SourceError(f"{tars[0]} is named like an SA-1B tar, not an img2dataset shard: use --source sa1b")
+        for url in tars:
+            units.append(Unit(unit_id(_rel(d, url)), "tar", url, rel=_rel(d, url), sidecar=parquets.get(stem_of(url))))
+        for stem, url in parquets.items():
+            if stem in subdirs and by_url[subdirs[stem]].loose:  # the `files` format: a folder beside its parquet
+                sub = by_url[subdirs[stem]]
+                units.append(Unit(unit_id(sub.rel), "dir", sub.url, listing=sub.listing, rel=sub.rel, sidecar=url))
+            elif not any(stem_of(t) == stem for t in tars):  # the `parquet` format: the images are in it
+                units.append(Unit(unit_id(_rel(d, url)), "parquet", url, rel=_rel(d, url)))
+        skipped["not_a_shard"] += sum(
+            1 for u, _ in d.containers if u.endswith(ARCHIVE_SUFFIXES) and not u.endswith(".tar")
+        )
+    if not units and any(ext in IMAGE_EXTENSIONS for d in dirs for ext, _ in d.loose_exts):
+        raise SourceError(
+            f"{input_url} holds loose images but no img2dataset shards (NNNNN.tar, NNNNN.parquet, NNNNN/): "
+            "use --source folder"
+        )
+    return units, skipped
 
 
-def _failed_downloads(fs, protocol: str, parquet: str, present: set[str]) -> list[SourceItem]:
-    if not fs.exists(parquet):
-        return []
-    with fs.open(parquet, "rb") as f:
-        table = pq.read_table(f)
-    if "status" not in table.column_names or "key" not in table.column_names:
-        return []
-    out = []
-    for row in table.to_pylist():
-        if row["status"] == "success" or row["key"] in present:
+def _rel(d: ScannedDir, url: str) -> str:
+    name = url.rsplit("/", 1)[-1]
+    return f"{d.rel}/{name}" if d.rel else name
+
+
+def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:
+    if unit.kind == "parquet":
+        return _list_parquet(unit.url), Counter()
+    if unit.kind == "tar":
+        entries = list_tar(unit.url)
+    else:
+        entries = [(url, Member(url)) for url, _ in read_loose_listing(unit.listing)]
+    by_name = dict(entries)
+    items, skipped = [], Counter()
+    for name, member in entries:
+        ext = image_ext(name)
+        if ext is None:
+            skipped["not_an_image"] += not name.endswith((".txt", ".json"))
             continue
-        out.append(
+        stem = name.rsplit(".", 1)[0]
+        key = stem.rsplit("/", 1)[-1]
+        if _SA1B.fullmatch(key):
+            raise SourceError(f"{unit.url} holds SA-1B files ({key}.{ext} with masks in {key}.json): use --source sa1b")
+        items.append(
+            SourceItem(
+                key=key,
+                source="img2dataset",
+                source_id=key,  # replaced by the url from the json
+                ext=ext,
+                image=member,
+                caption=by_name.get(stem + ".txt"),
+                meta=by_name.get(stem + ".json"),
+            )
+        )
+    if unit.sidecar:
+        present = {i.key for i in items}
+        items.extend(_failed(row) for row in _rows(unit.sidecar) if row.get("key") not in present and _is_failed(row))
+    return items, +skipped
+
+
+def _list_parquet(url: str) -> list[SourceItem]:
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        schema = pq.ParquetFile(f).schema_arrow
+    column = next((c for c in _IMAGE_COLUMNS if c in schema.names), None)
+    if column is None or "key" not in schema.names:
+        raise SourceError(
+            f"{url} has no image column ({'/'.join(_IMAGE_COLUMNS)}) and no NNNNN.tar or NNNNN/ beside it: not an "
+            "img2dataset shard"
+        )
+    items = []
+    for i, row in enumerate(_rows(url, without=column)):
+        if _is_failed(row):
+            items.append(_failed(row))
+            continue
+        items.append(
             SourceItem(
                 key=str(row["key"]),
                 source="img2dataset",
                 source_id=str(row.get("url") or row["key"]),
-                ext="",
-                image=None,
+                ext=column,
+                image=Member(url, str(row["key"]), i, None, column),
                 original_caption=row.get("caption"),
-                unavailable=str(row.get("error_message") or row["status"]),
+                source_meta=row,
             )
         )
-    return out
+    return items
+
+
+def _rows(url: str, without: str | None = None) -> list[dict[str, Any]]:
+    """The parquet's rows, minus the image column (its bytes are read by the shard that ingests them)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        return pf.read(columns=[n for n in pf.schema_arrow.names if n != without]).to_pylist()
+
+
+def _is_failed(row: dict[str, Any]) -> bool:
+    return row.get("status") not in (None, "success")
+
+
+def _failed(row: dict[str, Any]) -> SourceItem:
+    status = str(row.get("status") or "missing_image")
+    return SourceItem(
+        key=str(row["key"]),
+        source="img2dataset",
+        source_id=str(row.get("url") or row["key"]),
+        ext="",
+        image=None,
+        original_caption=row.get("caption"),
+        source_meta=row,
+        unavailable=str(row.get("error_message") or status),
+        unavailable_reason=status,
+    )

@@ -1,62 +1,204 @@
-"""JourneyDB: image folders or `.tgz` archives plus JSONL annotations.
+"""JourneyDB as released: image archives (`imgs/000.tgz` ... `199.tgz`, or the same extracted into folders) and an
+annotation file (`*.jsonl`, or `*.jsonl.tgz` as shipped).
 
-Each annotation line holds `img_path` (e.g. `./000/<id>.jpg`), `prompt` (the Midjourney prompt, kept as the
-original caption) and `Task2.Caption`. Images are matched to annotations by file name (JourneyDB ids are unique).
-An annotation whose image is absent is kept as a failed sample.
+Each annotation line holds `img_path` (`./000/<id>.jpg`: the image archive, then the file), `prompt` (the
+Midjourney prompt, kept as the original caption) and `Task2.Caption`. One task streams the annotation file once and
+splits it by image archive; each archive is then one source shard. With a partial download, the annotations of
+archives that are absent are counted as `not_downloaded` (one line in the summary), not failed rows; an annotation
+whose image is missing from a present archive is a failed row.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import os
+import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from curation.records import safe_key
-from curation.sources.base import Member, SourceError, SourceItem, check_unique, image_ext, list_tar, open_input
+from curation.shards import write_bytes_atomic
+from curation.sources.base import (
+    ANNOTATION_SUFFIXES,
+    ARCHIVE_SUFFIXES,
+    IMAGE_EXTENSIONS,
+    Member,
+    ScannedDir,
+    SourceError,
+    SourceItem,
+    Unit,
+    image_ext,
+    list_tar,
+    read_loose_listing,
+    stem_of,
+    suffix_of,
+    unit_id,
+)
+
+_FLUSH_ROWS = 10_000  # annotation rows buffered per archive before they are written out
 
 
-def list_journeydb(input_url: str) -> list[SourceItem]:
-    fs, root, protocol = open_input(input_url)
-    files = sorted(fs.find(root))
-    annotations = [f for f in files if f.endswith(".jsonl")]
-    if not annotations:
-        raise SourceError(f"no JourneyDB annotation file (*.jsonl) under {input_url}")
-    images: dict[str, Member] = {}
-    for f in files:
-        found = list_tar(protocol + f) if f.endswith((".tgz", ".tar.gz", ".tar")) else [(f, Member(protocol + f))]
-        for name, member in found:
-            if image_ext(name) is None:
+def annotation_files(dirs: list[ScannedDir]) -> list[str]:
+    return [url for d in dirs for url, _ in d.containers if suffix_of(url, ANNOTATION_SUFFIXES)]
+
+
+def plan(dirs: list[ScannedDir], input_url: str, annotations_url: str) -> tuple[list[Unit], Counter]:
+    if not annotation_files(dirs):
+        raise SourceError(
+            f"no JourneyDB annotation file (*.jsonl or *.jsonl.tgz) under {input_url}: JourneyDB needs it beside the "
+            "images; for a plain image folder use --source folder"
+        )
+    units, skipped = [], Counter()
+    for d in dirs:
+        for url, _ in d.containers:
+            if suffix_of(url, ANNOTATION_SUFFIXES):
                 continue
-            base = name.rsplit("/", 1)[-1]
-            if base in images:
-                raise SourceError(f"image {base!r} appears twice: {images[base]} and {member}")
-            images[base] = member
-    items = []
-    for ann in annotations:
-        with fs.open(ann, "rt", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    img_path = record["img_path"]
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise SourceError(f"{ann}:{lineno}: not a JourneyDB annotation line ({exc})") from exc
-                if not isinstance(img_path, str):
-                    raise SourceError(f"{ann}:{lineno}: img_path must be a string, got {img_path!r}")
-                prompt = record.get("prompt")
-                base = img_path.rsplit("/", 1)[-1]
-                member = images.get(base)
-                task2 = record.get("Task2") or {}
-                items.append(
-                    SourceItem(
-                        key=safe_key(base.rsplit(".", 1)[0]),
-                        source="journeydb",
-                        source_id=img_path,
-                        ext=image_ext(base) or "",
-                        image=member,
-                        original_caption=prompt if prompt is None else str(prompt),
-                        source_meta={"task2_caption": task2.get("Caption")} if isinstance(task2, dict) else None,
-                        unavailable=None if member else f"image {img_path} not found under {input_url}",
-                    )
+            if not suffix_of(url, ARCHIVE_SUFFIXES):
+                skipped["not_an_image"] += 1
+                continue
+            rel = f"{d.rel}/{url.rsplit('/', 1)[-1]}" if d.rel else url.rsplit("/", 1)[-1]
+            units.append(Unit(unit_id(rel), "tar", url, rel=rel, annotations=_part(annotations_url, stem_of(url))))
+        if any(ext in IMAGE_EXTENSIONS for ext, _ in d.loose_exts):
+            archive = d.rel.rsplit("/", 1)[-1]
+            units.append(
+                Unit(
+                    unit_id(d.rel), "dir", d.url, d.rel, listing=d.listing, annotations=_part(annotations_url, archive)
                 )
-    check_unique(items)
-    return items
+            )
+    return units, skipped
+
+
+def _part(annotations_url: str, archive: str) -> str:
+    return f"{annotations_url.rstrip('/')}/{safe_key(archive) if archive else 'root'}.parquet"
+
+
+def split_annotations(files: list[str], annotations_url: str) -> dict[str, int]:
+    """Stream the annotation file(s) once, writing each archive's lines to its own part; returns lines per part."""
+    counts: Counter = Counter()
+    with tempfile.TemporaryDirectory(prefix="curation-jdb-") as scratch:
+        writers: dict[str, pq.ParquetWriter] = {}
+        buffers: dict[str, list[dict]] = {}
+
+        def flush(part: str) -> None:
+            if part not in writers:
+                writers[part] = pq.ParquetWriter(os.path.join(scratch, part.rsplit("/", 1)[-1]), _ANNOTATION_SCHEMA)
+            writers[part].write_table(pa.Table.from_pylist(buffers.pop(part), _ANNOTATION_SCHEMA))
+
+        for row in _annotation_rows(files):
+            part = _part(annotations_url, PurePosixPath(row["img_path"]).parent.name)
+            buffers.setdefault(part, []).append(row)
+            counts[part] += 1
+            if len(buffers[part]) >= _FLUSH_ROWS:
+                flush(part)
+        for part in list(buffers):
+            flush(part)
+        for part, writer in writers.items():
+            writer.close()
+            with open(os.path.join(scratch, part.rsplit("/", 1)[-1]), "rb") as f:
+                write_bytes_atomic(part, f.read())
+    return dict(counts)
+
+
+_ANNOTATION_SCHEMA = pa.schema(
+    [("img_path", pa.string()), ("prompt", pa.string()), ("task2_caption", pa.string()), ("line", pa.string())]
+)
+
+
+def _annotation_rows(files: list[str]) -> Iterator[dict]:
+    for url in files:
+        for where, line in _lines(url):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                img_path = record["img_path"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise SourceError(f"{where}: not a JourneyDB annotation line ({exc})") from exc
+            if not isinstance(img_path, str):
+                raise SourceError(f"{where}: img_path must be a string, got {img_path!r}")
+            prompt, task2 = record.get("prompt"), record.get("Task2")
+            caption = task2.get("Caption") if isinstance(task2, dict) else None
+            yield {
+                "img_path": img_path,
+                "prompt": None if prompt is None else str(prompt),
+                "task2_caption": None if caption is None else str(caption),
+                "line": where,
+            }
+
+
+def _lines(url: str) -> Iterator[tuple[str, str]]:
+    """(`file:line`, text) of an annotation file: plain, gzipped, or a tgz holding the .jsonl (as released)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as raw:
+        if suffix_of(url, (".jsonl.tgz", ".jsonl.tar.gz")):
+            try:
+                with tarfile.open(fileobj=raw, mode="r|gz") as tar:
+                    for info in tar:
+                        if info.isfile() and info.name.endswith(".jsonl"):
+                            text = io.TextIOWrapper(tar.extractfile(info), encoding="utf-8")
+                            for n, line in enumerate(text, 1):
+                                yield f"{url}:{info.name}:{n}", line
+            except (tarfile.TarError, EOFError, gzip.BadGzipFile) as exc:
+                raise SourceError(f"cannot read {url} as a tgz of JSONL annotations: {exc}") from exc
+            return
+        stream = gzip.open(raw, "rt", encoding="utf-8") if url.endswith(".gz") else io.TextIOWrapper(raw, "utf-8")
+        for n, line in enumerate(stream, 1):
+            yield f"{url}:{n}", line
+
+
+def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:
+    if unit.kind == "tar":
+        entries = list_tar(unit.url)
+    else:
+        entries = [(url, Member(url)) for url, _ in read_loose_listing(unit.listing)]
+    annotations = _read_part(unit.annotations)
+    skipped: Counter = Counter()
+    images: dict[str, Member] = {}
+    for name, member in entries:
+        if image_ext(name) is None:
+            skipped["not_an_image"] += 1
+            continue
+        base = name.rsplit("/", 1)[-1]
+        if base not in annotations:
+            skipped["no_annotation"] += 1
+            continue
+        images[base] = member
+    items = []
+    for base, row in annotations.items():
+        member = images.get(base)
+        items.append(
+            SourceItem(
+                key=safe_key(base.rsplit(".", 1)[0]),
+                source="journeydb",
+                source_id=row["img_path"],
+                ext=image_ext(base) or "",
+                image=member,
+                original_caption=row["prompt"],
+                source_meta={"task2_caption": row["task2_caption"]},
+                unavailable=None if member else f"image {row['img_path']} not found in {unit.url}",
+            )
+        )
+    return items, +skipped
+
+
+def _read_part(url: str) -> dict[str, dict]:
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "rb") as f:
+        rows = pq.read_table(f).to_pylist()
+    by_name: dict[str, dict] = {}
+    for row in rows:
+        base = row["img_path"].rsplit("/", 1)[-1]
+        if base in by_name:
+            raise SourceError(f"image {base!r} is annotated twice: {by_name[base]['line']} and {row['line']}")
+        by_name[base] = row
+    return by_name

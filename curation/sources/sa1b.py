@@ -1,4 +1,4 @@
-"""SA-1B: tars or folders of `sa_<id>.jpg` + `sa_<id>.json`.
+"""SA-1B: tars (`sa_000000.tar` ...) or folders of `sa_<id>.jpg` + `sa_<id>.json`; one source shard per tar or folder.
 
 The json's `image` object (`image_id`, `width`, `height`, `file_name`) is kept as source metadata; its
 `annotations` (segmentation masks, most of the json's bytes) are never loaded into the index.
@@ -6,24 +6,69 @@ The json's `image` object (`image_id`, `width`, `height`, `file_name`) is kept a
 
 from __future__ import annotations
 
-from curation.sources.base import Member, SourceItem, check_unique, image_ext, list_tar, open_input
+import re
+from collections import Counter
+
+from curation.sources.base import (
+    ANNOTATION_SUFFIXES,
+    ARCHIVE_SUFFIXES,
+    IMAGE_EXTENSIONS,
+    Member,
+    ScannedDir,
+    SourceError,
+    SourceItem,
+    Unit,
+    image_ext,
+    list_tar,
+    read_loose_listing,
+    stem_of,
+    suffix_of,
+    unit_id,
+)
+
+_IMG2DATASET_SHARD = re.compile(r"\d+")
 
 
-def list_sa1b(input_url: str) -> list[SourceItem]:
-    fs, root, protocol = open_input(input_url)
-    files = [root] if fs.isfile(root) else sorted(fs.find(root))
-    entries: list[tuple[str, Member]] = []
-    for f in files:
-        if f.endswith((".tar", ".tgz", ".tar.gz")):
-            entries.extend(list_tar(protocol + f))
-        else:
-            entries.append((f, Member(protocol + f)))
+def plan(dirs: list[ScannedDir], input_url: str) -> tuple[list[Unit], Counter]:
+    units, skipped = [], Counter()
+    for d in dirs:
+        names = {stem_of(url): url for url, _ in d.containers}
+        for url, _ in d.containers:
+            if not suffix_of(url, ARCHIVE_SUFFIXES) or suffix_of(url, ANNOTATION_SUFFIXES):
+                skipped["not_an_image"] += 1
+                continue
+            stem = stem_of(url)
+            if _IMG2DATASET_SHARD.fullmatch(stem) and names.get(stem, "").endswith(".parquet"):
+                raise SourceError(
+                    f"{url} with {stem}.parquet beside it is img2dataset output, not SA-1B: use --source img2dataset"
+                )
+            units.append(Unit(unit_id(_rel(d, url)), "tar", url, rel=_rel(d, url)))
+        if any(ext in IMAGE_EXTENSIONS for ext, _ in d.loose_exts):
+            units.append(Unit(unit_id(d.rel), "dir", d.url, listing=d.listing, rel=d.rel))
+    return units, skipped
+
+
+def _rel(d: ScannedDir, url: str) -> str:
+    name = url.rsplit("/", 1)[-1]
+    return f"{d.rel}/{name}" if d.rel else name
+
+
+def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:
+    if unit.kind == "tar":
+        entries = list_tar(unit.url)
+    else:
+        entries = [(url, Member(url)) for url, _ in read_loose_listing(unit.listing)]
+    skipped: Counter = Counter()
     jsons = {name.rsplit("/", 1)[-1][: -len(".json")]: m for name, m in entries if name.endswith(".json")}
-    items = []
+    items, others = [], []
     for name, member in entries:
         ext = image_ext(name)
         stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        if ext is None or not stem.startswith("sa_"):
+        if ext is None:
+            skipped["not_an_image"] += not name.endswith(".json")
+            continue
+        if not stem.startswith("sa_"):
+            others.append(name)
             continue
         items.append(
             SourceItem(
@@ -35,8 +80,13 @@ def list_sa1b(input_url: str) -> list[SourceItem]:
                 meta=jsons.get(stem),
             )
         )
-    check_unique(items)
-    return items
+    if others and not items:
+        raise SourceError(
+            f"{unit.url} holds images not named sa_<id> (e.g. {others[0]}): not SA-1B; for img2dataset output use "
+            "--source img2dataset, for other images --source folder"
+        )
+    skipped["not_named_sa_id"] += len(others)
+    return items, +skipped
 
 
 def sa1b_meta(meta: dict) -> tuple[str | None, dict]:

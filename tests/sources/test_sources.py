@@ -39,9 +39,10 @@ def test_img2dataset_keeps_failed_downloads(tmp_path, coco_files):
 
 def test_journeydb_reads_annotations_and_tgz(tmp_path, coco_files):
     items = list_source("journeydb", str(make_journeydb(tmp_path, coco_files[:2], missing=1)))
+    by_key = {i.key: i for i in items}
     assert len(items) == 3
-    assert items[0].original_caption.startswith("a photo number 0")
-    assert items[2].image is None and "not found" in items[2].unavailable
+    assert by_key["0000deadbeef"].original_caption.startswith("a photo number 0")
+    assert by_key["0000missing"].image is None and "not found" in by_key["0000missing"].unavailable
 
 
 def test_journeydb_without_annotations_is_a_clear_error(tmp_path, coco_files):

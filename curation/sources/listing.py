@@ -1,0 +1,156 @@
+"""Listing files: what the planning tasks write under `OUT/listings/`, so the driver never holds a sample.
+
+    scan/<folder>.parquet      the loose files of one input folder (url, size), written by the task that scanned it
+    annotations/<archive>.parquet  JourneyDB: the annotation lines of one image archive
+    units/<unit>.parquet       one source shard's samples (key, where its bytes are, captions, metadata), by key
+
+Each is written whole (temporary name, then rename; one PUT on object stores), so a killed task leaves none half
+written, and a rerun lists again from the input: the plan always reflects the input as it is now.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import Counter
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.records import safe_key
+from curation.shards import write_parquet_atomic
+from curation.sources.base import (
+    CONTAINER_SUFFIXES,
+    Member,
+    ScannedDir,
+    SourceError,
+    SourceItem,
+    file_ext,
+    suffix_of,
+    url_of,
+    where,
+)
+
+KEY_BUCKETS = 1024  # keys are hashed into this many buckets at listing; the key check groups buckets into passes
+MAX_EXTS = 16  # a folder's loose-file extensions reported to the driver: the commonest few, not one per file
+_MEMBERS = ("image", "caption", "meta")
+_MEMBER_FIELDS = (("container", pa.string()), ("member", pa.string()), ("offset", pa.int64()),
+                  ("size", pa.int64()), ("column", pa.string()))  # fmt: skip
+LISTING_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("bucket", pa.int32()),
+        ("source", pa.string()),
+        ("source_id", pa.string()),
+        ("ext", pa.string()),
+        *[(f"{m}_{f}", t) for m in _MEMBERS for f, t in _MEMBER_FIELDS],
+        ("original_caption", pa.string()),
+        ("source_meta", pa.string()),
+        ("unavailable", pa.string()),
+        ("unavailable_reason", pa.string()),
+    ]
+)
+
+
+def key_bucket(key: str) -> int:
+    return zlib.crc32(key.encode()) % KEY_BUCKETS
+
+
+def scan_dir(url: str, rel: str, scan_folder: str) -> ScannedDir:
+    """List one folder (not its sub-folders): sub-folders and containers by name, loose files into a listing file."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path)
+    subdirs, containers, loose = [], [], []
+    for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
+        name = entry["name"]
+        if name.rstrip("/") == path.rstrip("/"):  # some stores list a folder as its own first entry
+            continue
+        full = url_of(fs, name, url)
+        if entry["type"] == "directory":
+            subdirs.append(full)
+        elif suffix_of(name, CONTAINER_SUFFIXES):
+            containers.append((full, int(entry.get("size") or 0)))
+        else:
+            loose.append((full, int(entry.get("size") or 0)))
+    listing = None
+    if loose:
+        listing = f"{scan_folder.rstrip('/')}/{safe_key(rel or 'root')}.parquet"
+        write_parquet_atomic(listing, pa.table({"url": [u for u, _ in loose], "size": [s for _, s in loose]}))
+    exts = Counter(file_ext(u) for u, _ in loose).most_common(MAX_EXTS)
+    return ScannedDir(url, rel, tuple(subdirs), tuple(containers), len(loose), tuple(exts), listing)
+
+
+def write_listing(url: str, items: list[SourceItem]) -> None:
+    items = sorted(items, key=lambda i: i.key)
+    columns: dict[str, list[Any]] = {name: [] for name in LISTING_SCHEMA.names}
+    for item in items:
+        columns["key"].append(item.key)
+        columns["bucket"].append(key_bucket(item.key))
+        for name in ("source", "source_id", "ext", "original_caption", "unavailable", "unavailable_reason"):
+            columns[name].append(getattr(item, name))
+        columns["source_meta"].append(
+            json.dumps(item.source_meta, ensure_ascii=False, default=str) if item.source_meta is not None else None
+        )
+        for m in _MEMBERS:
+            member = getattr(item, m)
+            for f, _ in _MEMBER_FIELDS:
+                columns[f"{m}_{f}"].append(getattr(member, f) if member is not None else None)
+    write_parquet_atomic(url, pa.table(columns, schema=LISTING_SCHEMA))
+
+
+def read_listing(url: str, start: int = 0, stop: int | None = None) -> list[SourceItem]:
+    """The items of one unit's listing, rows [start, stop) in key order."""
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    rows = table.slice(start, (stop if stop is not None else table.num_rows) - start).to_pylist()
+    return [_item(row) for row in rows]
+
+
+def _item(row: dict[str, Any]) -> SourceItem:
+    members = {}
+    for m in _MEMBERS:
+        container = row[f"{m}_container"]
+        members[m] = None if container is None else Member(*(row[f"{m}_{f}"] for f, _ in _MEMBER_FIELDS))
+    return SourceItem(
+        key=row["key"],
+        source=row["source"],
+        source_id=row["source_id"],
+        ext=row["ext"],
+        original_caption=row["original_caption"],
+        source_meta=json.loads(row["source_meta"]) if row["source_meta"] is not None else None,
+        unavailable=row["unavailable"],
+        unavailable_reason=row["unavailable_reason"],
+        **members,
+    )
+
+
+def check_keys(listings: list[str], part: int, parts: int) -> int:
+    """One pass of the key check: the keys whose bucket falls in this part, from every listing; returns how many.
+
+    Memory is this part's keys (as Arrow strings), never the whole dataset's: the driver picks `parts` so each
+    pass holds a bounded number. A clash is refused naming both places, before any image shard is written.
+    """
+    keys, origin = [], []
+    for i, url in enumerate(listings):
+        fs, path = fsspec.core.url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read(columns=["key", "bucket"])
+        mine = pa.array(table.column("bucket").to_numpy() % parts == part)
+        chosen = table.column("key").filter(mine)
+        keys.append(chosen)
+        origin.append(pa.array([i] * len(chosen), pa.int32()))
+    if not keys:
+        return 0
+    table = pa.table({"key": pa.chunked_array(keys, pa.string()), "origin": pa.chunked_array(origin, pa.int32())})
+    counts = table.group_by("key").aggregate([("origin", "count")])
+    dupes = counts.filter(pc.greater(counts.column("origin_count"), 1))
+    if dupes.num_rows:
+        key = dupes.column("key")[0].as_py()
+        found = table.filter(pc.equal(table.column("key"), key)).column("origin").to_pylist()
+        places = [where(i) for u in dict.fromkeys(listings[j] for j in found) for i in read_listing(u) if i.key == key]
+        raise SourceError(f"duplicate key {key!r}: {places[0]} and {places[1]}; keys must be unique")
+    return table.num_rows
