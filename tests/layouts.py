@@ -24,11 +24,11 @@ def _size(path: Path) -> tuple[int, int]:
         return im.size
 
 
-def make_folder(root: Path, images: list[Path], captions: dict[str, str] | None = None) -> Path:
-    """Images copied under root (a sub-folder for every third one), with optional same-name .txt captions."""
+def make_folder(root: Path, images: list[Path], captions: dict[str, str] | None = None, nested: bool = True) -> Path:
+    """Images copied under root (a sub-folder for every third one unless not `nested`), optional .txt captions."""
     root.mkdir(parents=True, exist_ok=True)
     for i, src in enumerate(images):
-        dst = root / ("sub" if i % 3 == 0 else "") / src.name
+        dst = root / ("sub" if nested and i % 3 == 0 else "") / src.name
         dst.parent.mkdir(exist_ok=True)
         shutil.copy(src, dst)
         if captions and src.name in captions:

@@ -131,7 +131,7 @@ def test_redoing_a_stage_redoes_what_was_made_from_it(tmp_path, coco_files, tiny
     from curation.features.stage import FeaturesConfig, run_features
     from curation.ingest import IngestConfig, run_ingest
 
-    src, out = str(make_folder(tmp_path / "in", coco_files[:8])), str(tmp_path / "out")
+    src, out = str(make_folder(tmp_path / "in", coco_files[:8], nested=False)), str(tmp_path / "out")
     features = FeaturesConfig(t5=str(tiny_models["t5"]), vae=str(tiny_models["vae"]), max_length=16, resolutions=(256,))
 
     def caption(prompt: str, force: bool = False):
@@ -150,10 +150,10 @@ def test_redoing_a_stage_redoes_what_was_made_from_it(tmp_path, coco_files, tiny
     assert t5_text == {k: r["caption"] for k, r in index_rows(out, "captions").items()}
 
     # Re-sharded images (--force --shard-size 8): the old second shard's captions and features are removed, so no
-    # key is left twice anywhere, and shard 00000 is redone from the new images shard.
+    # key is left twice anywhere, and shard root-000 is redone from the new images shard.
     run_ingest(out, IngestConfig("folder", src, shard_size=8), force=True, progress=False)
     caption("Describe the style of this image in detail.")
     run_features(out, features, progress=False)
     for stage in ("images", "captions", "features/t5", "features/vae256"):
-        assert StageDir(f"{out}/{stage}").done_shards() == ["00000"], stage
+        assert StageDir(f"{out}/{stage}").done_shards() == ["root-000"], stage
         assert len(index_rows(out, stage)) == 8, stage

@@ -16,10 +16,11 @@ import pytest
 
 from curation.caption.model import CaptionConfig
 from curation.caption.stage import CaptionStageConfig, run_caption
-from curation.ingest import IngestConfig, IngestStage, plan_shards, run_ingest
+from curation.ingest import IngestConfig, IngestStage, run_ingest
 from curation.runner import Resources, run_stage
 from curation.shards import ShardWriter, StageDir
-from curation.sources import SourceItem, list_source
+from curation.sources import local_map, plan_source
+from curation.sources.listing import read_listing
 from tests.conftest import REPO
 from tests.layouts import make_folder
 from tests.outputs import index_rows as rows
@@ -34,15 +35,16 @@ class PausingIngest(IngestStage):
         super().__init__(output, config)
         self.target, self.signals = target, signals
 
-    def process(self, shard: str, items: list[SourceItem]) -> dict:
+    def process(self, shard: str, listing_slice: tuple[str, int, int]) -> dict:
         marker = self.signals / f"{shard}.pid"
         if shard == self.target and not marker.exists():
+            items = read_listing(*listing_slice)
             with ShardWriter(self.stage_dir, shard) as writer:
                 for item in items[: len(items) // 2]:
                     writer.add(item.key, {"jpg": b"half a shard"})
                 marker.write_text(str(os.getpid()))
                 time.sleep(300)
-        return super().process(shard, items)
+        return super().process(shard, listing_slice)
 
 
 def _kill_when_paused(marker: Path, images: Path, seen: dict) -> None:
@@ -66,13 +68,13 @@ def test_actor_sigkilled_mid_shard_is_retried_and_output_matches(tmp_path, coco_
     signals = tmp_path / "signals"
     signals.mkdir()
     seen: dict = {}
-    watcher = threading.Thread(target=_kill_when_paused, args=(signals / "00002.pid", Path(out) / "images", seen))
+    watcher = threading.Thread(target=_kill_when_paused, args=(signals / "root-001.pid", Path(out) / "images", seen))
     watcher.start()
     summary = run_stage(
         output=out,
         stage_dir=StageDir(f"{out}/images"),
-        make_stage=lambda: PausingIngest(out, config, "00002", signals),
-        tasks=plan_shards(list_source("folder", str(src)), config.shard_size),
+        make_stage=lambda: PausingIngest(out, config, "root-001", signals),
+        tasks=plan_source("folder", str(src), str(tmp_path / "listings"), local_map).shards(config.shard_size),
         semantics=config.semantics(),
         resources=Resources(num_cpus=1),
         progress=False,
@@ -80,12 +82,12 @@ def test_actor_sigkilled_mid_shard_is_retried_and_output_matches(tmp_path, coco_
     watcher.join()
 
     assert seen["pid"] != os.getpid(), "the SIGKILL must hit a Ray worker, not the driver"
-    assert any(n.endswith("-00002.tar") for n in seen["temporaries"]), "the kill must land mid-write"
-    assert "00002" not in seen["done_before"], "a half-written shard must never be listed as done"
-    assert summary.retried == 1 and summary.shards_run == 4
+    assert any(n.endswith("-root-001.tar") for n in seen["temporaries"]), "the kill must land mid-write"
+    assert "root-001" not in seen["done_before"], "a half-written shard must never be listed as done"
+    assert summary.retried == 1 and summary.shards_run == 5
     # Same keys, same bytes as the uninterrupted run; the dead attempt's temporary is gone.
     assert set(rows(out, "images")) == set(rows(ref, "images"))
-    for name in ("00002.tar", "00002.parquet"):
+    for name in ("root-001.tar", "root-001.parquet"):
         assert (Path(out) / "images" / name).read_bytes() == (Path(ref) / "images" / name).read_bytes()
     assert_only_done_shards(Path(out) / "images")
 

@@ -53,7 +53,7 @@ def test_s3_ingest_then_caption_matches_a_local_run(tmp_path, coco_files, tiny_m
     assert out_rows[coco_files[1].stem]["original_caption"] == "two dogs"
     # The shards equal the local ones byte for byte and read back from the bucket with webdataset.
     captions = StageDir(f"{out}/captions")
-    assert captions.done_shards() == ["00000", "00001", "00002"]
+    assert captions.done_shards() == StageDir(str(ref / "captions")).done_shards() and len(captions.done_shards()) == 3
     for shard in captions.done_shards():
         assert fs.cat_file(f"{bucket}/out/captions/{shard}.tar") == (ref / "captions" / f"{shard}.tar").read_bytes()
         url = f"{out}/captions/{shard}.tar"
