@@ -1,23 +1,27 @@
 """Caption throughput of the stage's own code at LLaVA-1.5-7B shapes on one GPU, against naive `generate`.
 
-Run on a CUDA machine (about 4-5 min, no downloads):   .venv/bin/python bench/gpu_caption.py
+Run on a CUDA machine (about 4 min, no downloads):     PYTHONPATH=. python3 bench/gpu_caption.py
 CPU smoke run of the same code at tiny shapes (< 60 s): TINY=1 .venv/bin/python bench/gpu_caption.py
+(bench/device_run.sh runs it with bench/gpu_features.py in one call on a device machine.)
 
 The model is built once, in bf16 with random weights directly on the GPU, at llava-1.5-7b's shapes (CLIP
 ViT-L/14-336 + Llama-2-7B, as in ../shared/bench/gpu_baseline.py), and handed to `Captioner.from_loaded`. The
 processor is the tiny BPE tokenizer and chat template of `curation.tiny.llava` with a 336 px CLIP image processor
 and patch 14, so every prompt carries 576 image tokens as llava-1.5's does. Each generation is forced to exactly
-`new_tokens` tokens. One JSON line per figure, named by "what":
+`new_tokens` tokens. One JSON line per figure, named by "what", each with the device, the versions and the batch:
 
-  env, build          versions and device; parameters, build time, prompt length
+  env, build          the plan; parameters, build time, prompt length
+  auto_batch          the batch size and cache a Captioner picks with neither given (free memory, model shapes)
   naive_generate      model.generate on already preprocessed tensors, dynamic cache: the baseline, per batch
-  captioner           Captioner.caption (processor + generate + text decode) per batch and cache_implementation
+  captioner           Captioner.caption (processor + generate + text decode) per batch and cache_implementation;
+                      static lines carry `identical_to_dynamic`, the share of their captions equal to the
+                      dynamic-cache path's on the same images
   model_only, stage   Captioner.caption on decoded images vs CaptionStage.process on an images/ shard of COCO JPEGs
-                      (tar read, threaded decode, model, shard write); stage's `ratio` = stage / model-only (goal 0.9)
-  <what>_failed       a configuration that did not run (out of memory at the largest batches...), with the reason
+                      (tar read, threaded decode and processor, model, shard write); `ratio` = stage / model-only
+  <what>_failed       a configuration that did not run (out of memory...), with the reason
 
 Each configuration is called once to warm up (the static cache compiles there: `first_call_s`) and timed once.
-The largest static batches run last, after the stage, since each batch size compiles its own CUDA graphs.
+The largest static batch runs last, after the stage, since each batch size compiles its own CUDA graphs.
 """
 
 from __future__ import annotations
@@ -37,11 +41,14 @@ import torch
 
 from curation.caption.model import CaptionConfig, Captioner
 from curation.caption.stage import CaptionStage, CaptionStageConfig
-from curation.imaging import decode_image
-from curation.ingest import IngestConfig, IngestStage, plan_shards
-from curation.sources import list_source
+from curation.imaging import decode_image, header_size
+from curation.records import Sample, count_statuses, samples_to_table
+from curation.shards import ShardWriter, StageDir, config_hash, lineage
 
-COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco"
+REPO = Path(__file__).resolve().parents[1]
+# ../shared does not travel to a device machine: the photos go there copied into bench/.data (see device_run.sh).
+CARRIED = REPO / "bench" / ".data" / "coco"
+COCO = CARRIED if CARRIED.is_dir() else REPO.parent / "shared" / "data" / "coco"
 MODEL_NAME = "random-init/llava-1.5-7b-shapes"  # names the handed-in model in provenance; nothing is loaded
 IMAGE_SIZE, PATCH_SIZE = 336, 14  # CLIP ViT-L/14-336: (336 / 14)^2 = 576 image tokens
 TEXT_VOCAB = 32064  # llava-1.5's padded Llama vocabulary; ids past the tiny tokenizer's decode to nothing
@@ -50,20 +57,21 @@ TEXT_VOCAB = 32064  # llava-1.5's padded Llama vocabulary; ids past the tiny tok
 @dataclass(frozen=True)
 class Plan:
     new_tokens: int
-    dynamic_batches: tuple[int, ...]  # naive generate and Captioner, default dynamic cache
+    dynamic_batches: tuple[int, ...]  # naive generate and Captioner with the dynamic cache
     static_batches: tuple[int, ...]  # Captioner with cache_implementation="static"; first one also feeds the stage
     stage_samples: int
 
 
 PLANS = {
-    # The baseline doc: naive 16.4 img/s at 128 (107 GiB peak), static 26.8 at 128, 27.7 at 192, 256 ran out.
-    "gpu": Plan(new_tokens=128, dynamic_batches=(32, 128), static_batches=(128, 192, 256), stage_samples=256),
+    # The baseline doc: naive 16.4 img/s at 128 (107 GiB peak), static 26.8 at 128, 27.7 at 192; 256 ran out.
+    "gpu": Plan(new_tokens=128, dynamic_batches=(128,), static_batches=(128, 192), stage_samples=256),
     "tiny": Plan(new_tokens=8, dynamic_batches=(2,), static_batches=(2, 3), stage_samples=8),
 }
+CONTEXT: dict[str, Any] = {}  # device and versions, on every line
 
 
 def emit(**fields: Any) -> None:
-    print(json.dumps(fields), flush=True)
+    print(json.dumps(CONTEXT | fields), flush=True)
 
 
 class Device:
@@ -184,22 +192,27 @@ def build_model(tiny: bool, tokenizer: Any, dev: Device, dtype: torch.dtype) -> 
     return model.eval()
 
 
-def caption_config(plan: Plan, batch: int, cache: str | None) -> CaptionConfig:
+def caption_config(plan: Plan, batch: int | None, cache: str | None) -> CaptionConfig:
     n = plan.new_tokens
     return CaptionConfig(
         model=MODEL_NAME, max_new_tokens=n, min_new_tokens=n, batch_size=batch, cache_implementation=cache
     )
 
 
-def write_images_shard(out: Path, blobs: list[bytes], tmp: Path) -> str:
-    """An images/ shard of the given JPEGs built by the ingest stage's own code (folder source, one shard)."""
-    src = tmp / "photos"
-    src.mkdir()
-    for i, blob in enumerate(blobs):
-        (src / f"{i:05d}.jpg").write_bytes(blob)
-    config = IngestConfig("folder", str(src), shard_size=len(blobs))
-    [(shard, items)] = plan_shards(list_source("folder", str(src)), config.shard_size)
-    IngestStage(str(out), config).process(shard, items)
+def write_images_shard(out: Path, blobs: list[bytes]) -> str:
+    """An images/ shard of the given JPEGs as the ingest stage writes one (tar, index, done marker).
+
+    Written here rather than through ingest's sources, so a device machine needs no source listing code.
+    """
+    shard, samples = "00000", []
+    with ShardWriter(StageDir(f"{out}/images"), shard) as writer:
+        for i, blob in enumerate(blobs):
+            sample = Sample(key=f"coco_{i:05d}", source="bench", source_id=str(i), ext="jpg")
+            sample.set_size(*header_size(blob))
+            samples.append(sample)
+            writer.add(sample.key, {"jpg": blob, "json": sample.to_json()})
+        done = {"stage": "images", **lineage(config_hash({"bench": len(blobs)}), None), **count_statuses(samples)}
+        writer.commit(samples_to_table(samples), done)
     return shard
 
 
@@ -223,14 +236,12 @@ def main() -> None:
 
     import transformers
 
-    emit(
-        what="env",
+    CONTEXT.update(
+        device=torch.cuda.get_device_name(0) if dev.cuda else "cpu",
         torch=torch.__version__,
         transformers=transformers.__version__,
-        device=torch.cuda.get_device_name(0) if dev.cuda else "cpu",
-        tiny=tiny,
-        plan=asdict(plan),
     )
+    emit(what="env", tiny=tiny, plan=asdict(plan))
     with tempfile.TemporaryDirectory(prefix="gpu-caption-") as tmp_dir:
         tmp = Path(tmp_dir)
         t0 = time.perf_counter()
@@ -238,8 +249,14 @@ def main() -> None:
         model = build_model(tiny, processor.tokenizer, dev, dtype)
         dev.sync()
         build_s = time.perf_counter() - t0
-        # Any captioner gives the prompt text and decode size; all share the one model.
-        probe = Captioner.from_loaded(caption_config(plan, 1, None), model, processor)
+        # With neither batch nor cache given, as a user who passes no flag: the pick, and the prompt and input size.
+        probe = Captioner.from_loaded(caption_config(plan, None, None), model, processor)
+        emit(
+            what="auto_batch",
+            batch=probe.batch_size,
+            cache=probe.cache_implementation,
+            free_gb=round(torch.cuda.mem_get_info()[0] / 2**30, 1) if dev.cuda else None,
+        )
         n_images = max(plan.stage_samples, *plan.dynamic_batches, *plan.static_batches)
         files = sorted(COCO.glob("*.jpg"))
         if not files:
@@ -290,10 +307,21 @@ def main() -> None:
                 **dev.memory(),
             )
 
-        def captioner(batch: int, cache: str | None, *, drop_compiled: bool = False) -> dict[str, Any]:
+        dynamic_texts: list[str] = []  # the dynamic-cache path's captions of images[:len]
+
+        def dynamic_reference(n: int) -> list[str]:
+            if len(dynamic_texts) < n:
+                cap = Captioner.from_loaded(caption_config(plan, plan.dynamic_batches[-1], "dynamic"), model, processor)
+                dynamic_texts.extend(r.text for r in cap.caption(images[len(dynamic_texts) : n]))
+            return dynamic_texts[:n]
+
+        def captioner(batch: int, cache: str, *, drop_compiled: bool = False) -> dict[str, Any]:
             dev.fresh(drop_compiled=drop_compiled)
             cap = Captioner.from_loaded(caption_config(plan, batch, cache), model, processor)
             first, s, results = timed(dev, lambda: cap.caption(images[:batch]))
+            texts = [r.text for r in results]
+            if cache == "dynamic" and len(texts) > len(dynamic_texts):
+                dynamic_texts[:] = texts
             tokens = sum(r.new_tokens for r in results)
             figures = dict(
                 first_call_s=round(first, 2),
@@ -305,12 +333,15 @@ def main() -> None:
             )
             if batch in naive_ips:
                 figures["vs_naive"] = round(batch / s / naive_ips[batch], 3)
+            if cache != "dynamic":
+                same = sum(a == b for a, b in zip(texts, dynamic_reference(batch), strict=True))
+                figures["identical_to_dynamic"] = round(same / batch, 3)
             return figures
 
         measured = []
         for b in plan.dynamic_batches:
             attempt("naive_generate", {"batch": b, "cache": "dynamic"}, lambda b=b: naive(b))
-            measured.append(attempt("captioner", {"batch": b, "cache": "dynamic"}, lambda b=b: captioner(b, None)))
+            measured.append(attempt("captioner", {"batch": b, "cache": "dynamic"}, lambda b=b: captioner(b, "dynamic")))
         static_first, *static_rest = plan.static_batches or (None,)
         if static_first is not None:
             fields = {"batch": static_first, "cache": "static"}
@@ -320,8 +351,7 @@ def main() -> None:
         ok = [m for m in measured if m is not None]
         if ok:
             best = max(ok, key=lambda m: m["images_per_s"])
-            cache = None if best["cache"] == "dynamic" else best["cache"]
-            config = caption_config(plan, best["batch"], cache)
+            config = caption_config(plan, best["batch"], best["cache"])
             fields = {"samples": plan.stage_samples, "batch": best["batch"], "cache": best["cache"]}
 
             def stage_vs_model() -> dict[str, Any]:
@@ -334,7 +364,7 @@ def main() -> None:
                 emit(what="model_only", **fields, s=round(model_s, 2), images_per_s=round(n / model_s, 2))
 
                 out = tmp / "out"
-                shard = write_images_shard(out, blobs[:n], tmp)
+                shard = write_images_shard(out, blobs[:n])
                 stage = CaptionStage(str(out), CaptionStageConfig(model=config))
                 stage.captioner = cap  # the loaded model, handed in: setup() then only records provenance
                 stage.setup()

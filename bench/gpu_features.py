@@ -1,12 +1,15 @@
 """The features stage's own encode code vs a naive loop, at real shapes with random weights (no downloads).
 
-Run on a CUDA machine: python bench/gpu_features.py [t5] [vae] [decode]   (< 6 min on one H100/H200)
+Run on a CUDA machine: PYTHONPATH=. python3 bench/gpu_features.py [t5] [vae] [decode]   (< 5 min on one H200)
 CPU smoke test at tiny shapes: TINY=1 python bench/gpu_features.py
-Prints one JSON line per figure (../shared/reference/gpu_baselines.md has the naive figures so far).
+Prints one JSON line per figure, each with the device, the versions and the batch size
+(../shared/reference/gpu_baselines.md has the naive figures so far).
 
 t5:     T5-v1.1-XXL encoder shapes (4.76B), 120 tokens, batch 256. Naive: every caption padded to 120
         tokens, run in input order (PixArt's T5Embedder). Ours: `T5Features.encode` (sorted, real prefix
-        only) on two length mixes: LLaVA-like (80-160 tokens, most truncated) and alt-text-like (8-40).
+        only) on two length mixes: LLaVA-like (80-160 tokens, most truncated) and the COCO captions of
+        ../shared/data/captions (copied to bench/.data on a device machine), their T5 lengths estimated as
+        words and punctuation marks + EOS (the real tokenizer is not available offline).
 vae:    sd-vae-ft-ema shapes at 256/512/1024. Naive: float pixels normalised on the host, copied, `encode`,
         mean and std back. Ours: `VaeFeatures.encode_pixels` (uint8 to the GPU, normalised there), eager
         and compiled.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -37,10 +41,22 @@ from curation.tiny.t5 import build_tiny_t5  # noqa: E402
 TINY = os.environ.get("TINY") == "1"
 DEV = "cpu" if TINY else "cuda"
 DTYPE = torch.float32 if TINY else torch.bfloat16
+REPO = Path(__file__).resolve().parents[1]
+CAPTIONS = "coco_val2017_5005.jsonl"
+CONTEXT: dict = {}  # device and versions, on every line
 
 
 def emit(**kw) -> None:
-    print(json.dumps(kw), flush=True)
+    print(json.dumps(CONTEXT | kw), flush=True)
+
+
+def coco_lengths(n: int) -> np.ndarray:
+    """Estimated T5 token counts of the first n COCO captions: words and punctuation marks, + EOS."""
+    carried = REPO / "bench" / ".data" / "captions" / CAPTIONS  # ../shared does not travel to a device machine
+    path = carried if carried.is_file() else REPO.parent / "shared" / "data" / "captions" / CAPTIONS
+    with open(path, encoding="utf-8") as f:
+        captions = [json.loads(line)["caption"] for line, _ in zip(f, range(n), strict=False)]
+    return np.array([len(re.findall(r"\w+|[^\w\s]", c)) + 1 for c in captions])
 
 
 def sync() -> None:
@@ -93,17 +109,18 @@ def t5() -> None:
     torch.set_default_dtype(torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = AutoTokenizer.from_pretrained(build_tiny_t5(Path(tmp) / "tok"))
+    bs, length = (4, 120) if TINY else (256, 120)
     emit(
         what="t5_build",
+        batch=bs,
         params_b=round(sum(p.numel() for p in enc.parameters()) / 1e9, 3),
         s=round(time.perf_counter() - t0, 1),
     )
-    bs, length = (4, 120) if TINY else (256, 120)
     ours = T5Features(TextFeatureConfig("in-memory", max_length=length, batch_size=bs, device=DEV))
     ours.setup(model=enc, tokenizer=tokenizer)
     rng = np.random.default_rng(0)
     n = bs * 4
-    mixes = {"llava_80_160": rng.integers(80, 161, n), "alt_text_8_40": rng.integers(8, 41, n)}
+    mixes = {"llava_80_160": rng.integers(80, 161, n), "coco_captions": coco_lengths(n)}
 
     def naive(texts: list[str]) -> None:
         for start in range(0, len(texts), bs):
@@ -136,7 +153,10 @@ def t5() -> None:
 
 
 def vae() -> None:
+    import diffusers
     from diffusers import AutoencoderKL
+
+    CONTEXT["diffusers"] = diffusers.__version__
 
     if TINY:
         ae = AutoencoderKL(
@@ -210,6 +230,7 @@ def decode() -> None:
             to_pixels(decode_image(data, target_size=(px * 3 // 2, px)), (px, px))
         emit(
             what="decode_cover_crop_one_thread",
+            batch=1,
             src="1500x2250 jpeg",
             px=px,
             images_per_s=round(n / (time.perf_counter() - t0), 1),
@@ -219,13 +240,12 @@ def decode() -> None:
 if __name__ == "__main__":
     import transformers
 
-    emit(
-        what="env",
+    CONTEXT.update(
+        device=torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu",
         torch=torch.__version__,
         transformers=transformers.__version__,
-        gpu=torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu",
-        tiny=TINY,
     )
+    emit(what="env", tiny=TINY)
     for name in sys.argv[1:] or ["decode", "t5", "vae"]:
         try:
             globals()[name]()

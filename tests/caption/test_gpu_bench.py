@@ -55,6 +55,7 @@ def test_tiny_run_prints_every_figure() -> None:
     assert not failed, failed
     assert Counter(line["what"] for line in lines) == {
         "env": 1,
+        "auto_batch": 1,
         "build": 1,
         "naive_generate": 1,
         "captioner": 3,
@@ -62,6 +63,9 @@ def test_tiny_run_prints_every_figure() -> None:
         "stage": 1,
     }
     by_what = {line["what"]: line for line in lines}
+    assert all({"device", "torch", "transformers"} <= set(line) for line in lines)
+    assert all("batch" in line for line in lines if line["what"] not in ("env", "build"))
+    assert (by_what["auto_batch"]["batch"], by_what["auto_batch"]["cache"]) == (8, "dynamic")  # CPU defaults
 
     build = by_what["build"]
     assert build["image_tokens"] == 576 and build["prompt_tokens"] > 576  # llava-1.5's 336 px / patch 14
@@ -75,6 +79,9 @@ def test_tiny_run_prints_every_figure() -> None:
         assert line["s_per_batch"] > 0 and line["images_per_s"] > 0 and line["out_tokens_per_s"] > 0, line
     for c in captioners:
         assert c["mean_new_tokens"] == NEW_TOKENS, c
+        # fp32 on the CPU: the static cache (batch 3 pads the reference's short batch) changes no caption
+        assert c.get("identical_to_dynamic", 1.0) == 1.0, c
+    assert sum("identical_to_dynamic" in c for c in captioners) == 2
     assert all(c["vs_naive"] > 0 for c in captioners if c["batch"] == naive["batch"])
 
     model_only, stage = by_what["model_only"], by_what["stage"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from curation.caption.model import CaptionConfig, Captioner, CaptionResult
+from curation.caption.model import CaptionConfig, Captioner, CaptionResult, auto_batch_size
 from curation.caption.quality import STATUSES
 from curation.imaging import decode_image
 from curation.tiny.llava import build_tiny_llava
@@ -128,3 +129,81 @@ def test_misuse_is_refused(tiny_llava: Path, captioner: Captioner, photos: list[
         Captioner(CaptionConfig(model=str(tiny_llava))).caption(photos[:1])
     with pytest.raises(ValueError, match="prompts"):
         captioner.caption(photos[:2], [SHORT_PROMPT])
+
+
+def test_static_cache_pads_a_short_batch_and_changes_no_caption(tiny_llava: Path, photos: list[Image.Image]) -> None:
+    prompts = [SHORT_PROMPT, LONG_PROMPT, LONG_PROMPT, SHORT_PROMPT, LONG_PROMPT, SHORT_PROMPT, LONG_PROMPT]
+    padded = Captioner(
+        CaptionConfig(model=str(tiny_llava), max_new_tokens=16, batch_size=5, cache_implementation="static")
+    )
+    padded.setup()
+    short = padded.prepare(photos[5:7], prompts[5:7])
+    assert short.count == 2 and {len(v) for v in short.inputs.values()} == {5}  # the compiled batch shape
+
+    results = padded.caption(photos[:7], prompts)  # a full batch of 5, then 2 padded to 5
+    assert len(results) == 7  # the padding rows' outputs are dropped
+    unpadded = Captioner.from_loaded(
+        CaptionConfig(model=str(tiny_llava), max_new_tokens=16, batch_size=2, cache_implementation="static"),
+        padded.model,
+        padded.processor,
+    )
+    assert results[5:] == unpadded.caption(photos[5:7], prompts[5:7])  # the same 2 images as a full batch
+    assert len({r.text for r in results}) >= 3
+
+
+def test_defaults_resolve_per_device(tiny_llava: Path, photos: list[Image.Image]) -> None:
+    config = CaptionConfig(model=str(tiny_llava), max_new_tokens=8)
+    assert (config.batch_size, config.cache_implementation) == (None, None)  # "auto": the CLI passes None too
+    c = Captioner(config)
+    c.setup()
+    assert (c.batch_size, c.cache_implementation) == (8, "dynamic")  # the CPU: no compile, no padding
+    assert {len(v) for v in c.prepare(photos[:3]).inputs.values()} == {3}
+    prov = c.provenance()
+    assert prov["batch_size"] == 8 and prov["generation"]["cache_implementation"] == "dynamic"
+
+
+def test_prepare_from_several_threads_equals_one_thread(captioner: Captioner, photos: list[Image.Image]) -> None:
+    chunks = [photos[i : i + 5] for i in range(0, 10, 5)] * 4
+    expected = [captioner.prepare(chunk).inputs for chunk in chunks]
+    with ThreadPoolExecutor(4) as pool:  # as the stage's prefetch threads call it
+        got = list(pool.map(lambda chunk: captioner.prepare(chunk).inputs, chunks))
+    for a, b in zip(got, expected, strict=True):
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+GIB = 2**30
+# LLaVA-1.5-7B (Llama-2-7B text model): 32 layers x 32 KV heads x 128 head dim, keys and values, bf16.
+KV_7B = 2 * 32 * 32 * 128 * 2
+WEIGHTS_7B = 7_060_000_000 * 2
+TOKENS_7B = 606 + 128  # the 606-token prompt (576 image tokens) and 128 new tokens
+
+
+def test_auto_batch_size_at_llava_7b_shapes() -> None:
+    h200 = int(139.5 * GIB)  # 143,771 MiB less the CUDA context
+    static = auto_batch_size(h200, WEIGHTS_7B, KV_7B, TOKENS_7B, static=True)
+    # Measured on an H200: static batch 192 fit (94 GiB peak), 256 ran out of memory.
+    assert 128 <= static <= 192 and static % 16 == 0
+    dynamic = auto_batch_size(h200, WEIGHTS_7B, KV_7B, TOKENS_7B, static=False)
+    assert 64 <= dynamic <= 128 and dynamic < static  # dynamic batch 128 peaked at 107 GiB
+    h100 = auto_batch_size(int(79.1 * GIB), WEIGHTS_7B, KV_7B, TOKENS_7B, static=True)
+    assert 64 <= h100 < static
+    longer = auto_batch_size(h200, WEIGHTS_7B, KV_7B, 606 + 512, static=True)
+    assert longer < static  # more new tokens, more KV cache per sample
+
+
+def test_memory_shapes_of_the_loaded_model(captioner: Captioner, photos: list[Image.Image]) -> None:
+    weights, kv_per_token, tokens = captioner.memory_shapes()
+    text = captioner.model.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    assert kv_per_token == 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 4  # fp32 on the CPU
+    assert weights == 4 * sum(p.numel() for p in captioner.model.parameters())
+    prompt = captioner.processor(images=photos[:1], text=[captioner.format_prompt(captioner.config.prompt)])
+    assert tokens == len(prompt["input_ids"][0]) + 24  # the prompt with its image tokens, and max_new_tokens
+    assert tokens > 24 + captioner.model.config.image_seq_length
+
+
+def test_auto_batch_size_bounds() -> None:
+    for free_gib in (13, 14):  # the weights alone, or hardly more: still one
+        assert auto_batch_size(free_gib * GIB, WEIGHTS_7B, KV_7B, TOKENS_7B, static=True) == 1
+    assert auto_batch_size(20 * GIB, WEIGHTS_7B, KV_7B, TOKENS_7B, static=True) in range(2, 16)  # not rounded to 0
+    assert auto_batch_size(139 * GIB, 10**6, 2 * 2 * 4 * 16 * 4, 700, static=True) == 256  # a tiny model: capped
