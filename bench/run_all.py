@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_ingest.py", "bench_stats.py", "bench_stats_ray.py", "bench_caption_cpu.py", "bench_features_cpu.py"]
+BENCHES = [
+    "bench_ingest.py",
+    "bench_stats.py",
+    "bench_stats_ray.py",
+    "bench_caption_cpu.py",
+    "bench_features_cpu.py",
+    "bench_dedup.py",
+]
 
 
 def main() -> int:

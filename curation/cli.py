@@ -40,12 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, choices=sorted(SOURCES))
     p.add_argument("--input", required=True, help="input folder, archive or fsspec URL")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p = sub.add_parser("dedup", help="images/ -> dedup/: exact and near-duplicate groups, one kept member each")
+    _common(p)
+    p.add_argument("--threshold", type=int, default=8, help="pHash Hamming distance counted as duplicate (default 8)")
+
     p = sub.add_parser("caption", help="images/ -> captions/ with LLaVA (the PixArt-alpha prompt by default)")
     _common(p)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
     p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8 on the CPU, what fits on a GPU")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--min-new-tokens", type=int, default=0)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU, or per CPU without)")
     p.add_argument("--decode-threads", type=int, default=None, help="CPU decode threads per actor")
+    _include_duplicates(p)
 
     p = sub.add_parser("stats", help="concept density (PixArt-alpha Table 1) of caption shards or a caption corpus")
     p.add_argument("--output", required=True, help="the run's output (reads captions/), or where a corpus report goes")
@@ -65,33 +70,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="dataset name in the table")
     p.add_argument("--column", default="caption", help="the corpus's caption field or column")
     p.add_argument("--valid-threshold", type=int, default=10, help="valid nouns appear more than this many times")
+    _include_duplicates(p)
     p.add_argument("--ray-address", default=None)
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("features", help="captions/ -> T5 text features and VAE latents in sidecar shards")
     _common(p)
     _feature_args(p)
+    _include_duplicates(p)
 
     p = sub.add_parser("export-pixart", help="feature shards -> PixArt-alpha's InternData/InternImgs layout")
     p.add_argument("--output", required=True, help="the run's output folder")
     p.add_argument("--to", required=True, help="the InternData folder to write (its path must name InternData once)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--multiscale", action="store_true", help="export the multi-scale (bucketed) latents")
+    _include_duplicates(p)
 
-    p = sub.add_parser("run", help="ingest -> caption -> stats -> features in one go, each stage resumable")
+    p = sub.add_parser("run", help="ingest -> dedup -> caption -> stats -> features in one go, each stage resumable")
     _common(p)
     p.add_argument("--source", required=True, choices=sorted(SOURCES))
     p.add_argument("--input", required=True)
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--caption-model", default=DEFAULT_MODEL, help=f"LLaVA Hub id or folder (default {DEFAULT_MODEL})")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--caption-batch-size", type=int, default=8)
+    p.add_argument("--caption-batch-size", type=int, default=None, help="default: 8 on the CPU, what fits on a GPU")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--no-dedup", action="store_true", help="no dedup pass before captioning")
+    p.add_argument("--dedup-threshold", type=int, default=8, help="pHash Hamming distance counted as duplicate")
     _feature_args(p)
 
     p = sub.add_parser("make-tiny-models", help="build tiny random LLaVA, T5 and VAE checkpoints (tests, demo)")
     p.add_argument("folder")
     return parser
+
+
+def _include_duplicates(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--include-duplicates", action="store_true", help="also process the samples dedup removes (default: skip them)"
+    )
 
 
 def _feature_args(p: argparse.ArgumentParser) -> None:
@@ -117,6 +133,7 @@ def _features_config(args: argparse.Namespace):
         dtype=args.dtype,
         field=args.field,
         device=args.feature_device,
+        include_duplicates=getattr(args, "include_duplicates", False),
     )
 
 
@@ -140,7 +157,9 @@ def _features(args: argparse.Namespace) -> int:
 def _export_pixart(args: argparse.Namespace) -> int:
     from curation.export.pixart import export_pixart
 
-    counts = export_pixart(args.output, args.to, args.resolution, args.multiscale)
+    counts = export_pixart(
+        args.output, args.to, args.resolution, args.multiscale, include_duplicates=args.include_duplicates
+    )
     print("[export-pixart] " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     print(f"PixArt InternData: {args.to}")
     return 0
@@ -150,6 +169,7 @@ def _export_pixart(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from curation.caption.model import CaptionConfig
     from curation.caption.stage import CaptionStageConfig
+    from curation.dedup.stage import DedupConfig
     from curation.ingest import IngestConfig
     from curation.pipeline import run_pipeline
     from curation.stats.stage import StatsConfig
@@ -171,6 +191,7 @@ def _run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         force=args.force,
         progress=not args.no_progress,
+        dedup=None if args.no_dedup else DedupConfig(threshold=args.dedup_threshold),
     )
     for summary in summaries:
         _print_summary(summary)
@@ -207,7 +228,7 @@ def _caption(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
-    config = CaptionStageConfig(model=model, workers=args.workers)
+    config = CaptionStageConfig(model=model, workers=args.workers, include_duplicates=args.include_duplicates)
     if args.decode_threads:
         config = dataclasses.replace(config, decode_threads=args.decode_threads)
     summary = run_caption(
@@ -229,7 +250,12 @@ def _stats(args: argparse.Namespace) -> int:
         )
     else:
         fields = ("caption", "original") if args.field == "both" else (args.field,)
-        config = StatsConfig(fields=fields, valid_threshold=args.valid_threshold, name=args.name)
+        config = StatsConfig(
+            fields=fields,
+            valid_threshold=args.valid_threshold,
+            name=args.name,
+            include_duplicates=args.include_duplicates,
+        )
         summary, html = run_stats(args.output, config, ray_address=args.ray_address, progress=not args.no_progress)
         _print_summary(summary)
     report = str(html).rsplit("/", 1)[0]
@@ -243,6 +269,22 @@ def open_table(report_dir: str) -> str:
 
     with fsspec.open(f"{report_dir}/table1.md", "rt", encoding="utf-8") as fh:
         return fh.read()
+
+
+@command("dedup")
+def _dedup(args: argparse.Namespace) -> int:
+    from curation.dedup.stage import DedupConfig, run_dedup
+
+    result = run_dedup(
+        args.output,
+        DedupConfig(threshold=args.threshold),
+        ray_address=args.ray_address,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    _print_summary(result)
+    print(f"dedup: {args.output.rstrip('/')}/dedup/\nreport: {args.output.rstrip('/')}/report/duplicates.html")
+    return 0
 
 
 @command("ingest")

@@ -19,7 +19,8 @@ from curation.buckets import BASES, assign_bucket
 SCHEMA_VERSION = 1
 
 # A sample is "ok" until a stage fails it; then it stays a row with the reason, and later stages pass it through.
-OK, FAILED = "ok", "failed"
+# "skipped" is a sound sample a stage chose not to process (reason "duplicate": not the kept member of its dedup group).
+OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
@@ -59,6 +60,9 @@ class Sample:
 
     def fail(self, reason: str, message: str) -> None:
         self.status, self.error_reason, self.error = FAILED, reason, message
+
+    def skip(self, reason: str, message: str) -> None:
+        self.status, self.error_reason, self.error = SKIPPED, reason, message
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,7 +104,7 @@ def json_schema() -> dict[str, Any]:
     props = {}
     for name, tp, nullable in _field_types():
         props[name] = {"type": [_JSON_TYPES[tp], "null"] if nullable else _JSON_TYPES[tp]}
-    props["status"]["enum"] = [OK, FAILED]
+    props["status"]["enum"] = [OK, FAILED, SKIPPED]
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"pixart-curation/sample/v{SCHEMA_VERSION}",
@@ -121,13 +125,16 @@ def table_to_samples(table: pa.Table) -> list[Sample]:
 
 
 def count_statuses(samples: list[Sample]) -> dict[str, dict[str, int]]:
+    """Counts by status, failures by reason, and (when there are any) skipped samples by reason."""
     by_status: dict[str, int] = {}
     by_reason: dict[str, int] = {}
+    by_skipped: dict[str, int] = {}
     for s in samples:
         by_status[s.status] = by_status.get(s.status, 0) + 1
         if s.error_reason:
-            by_reason[s.error_reason] = by_reason.get(s.error_reason, 0) + 1
-    return {"by_status": by_status, "by_reason": by_reason}
+            tally = by_skipped if s.status == SKIPPED else by_reason
+            tally[s.error_reason] = tally.get(s.error_reason, 0) + 1
+    return {"by_status": by_status, "by_reason": by_reason} | ({"by_skipped": by_skipped} if by_skipped else {})
 
 
 def arrow_schema_json() -> dict[str, Any]:

@@ -1,17 +1,20 @@
 """Caption stage: `images/` shards -> `captions/` shards (original bytes, `<key>.txt` caption, `<key>.json` record).
 
-The CPU front end decodes the next images in a thread pool while the model captions the current batch; samples that
-failed upstream or fail to decode here stay rows of the index with their reason, and are never dropped.
+The CPU front end works ahead of the model in two bounded thread pools: one decodes the next images, one runs the
+processor (preprocessing, tokenisation) on the next batches, so the model's thread only moves ready tensors to the
+device and generates. Samples that failed upstream or fail to decode here stay rows of the index with their reason,
+and are never dropped.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from curation.caption.model import DEFAULT_PROMPT, CaptionConfig, Captioner
+from curation.caption.model import DEFAULT_PROMPT, CaptionConfig, Captioner, Prepared
+from curation.dedup.filter import DuplicateFilter
 from curation.imaging import ImageDecodeError, decode_image, prefetch
 from curation.records import OK, Sample, count_statuses, samples_to_table, table_to_samples
 from curation.shards import ShardWriter, StageDir, config_hash, lineage
@@ -25,9 +28,11 @@ class CaptionStageConfig:
     model: CaptionConfig = field(default_factory=lambda: CaptionConfig(model=DEFAULT_MODEL, prompt=DEFAULT_PROMPT))
     decode_threads: int = max(2, min(8, (os.cpu_count() or 2)))
     workers: int | None = None  # actors; default one per GPU, or per free CPU without GPUs
+    include_duplicates: bool = False  # caption the samples dedup removes too (not in semantics: in the lineage)
 
     def semantics(self) -> dict:
-        """Model, prompt and generation parameters decide the captions; batch size, threads, cache kind do not."""
+        """Model, prompt and generation parameters decide the captions; batch size, threads, cache kind do not
+        (so their defaults, resolved per device, keep one config hash across CPU and GPU workers)."""
         model = asdict(self.model)
         for volatile in ("batch_size", "device", "num_threads", "cache_implementation"):
             model.pop(volatile)
@@ -43,6 +48,7 @@ class CaptionStage:
         self.images = StageDir(f"{root}/images")
         self.stage_dir = StageDir(f"{root}/{STAGE}")
         self.config = config
+        self.duplicates = DuplicateFilter.for_stage(output, self.images, config.include_duplicates)
         self.captioner = Captioner(config.model)
 
     def setup(self) -> None:
@@ -51,15 +57,17 @@ class CaptionStage:
 
     def process(self, shard: str, payload: None = None) -> dict:
         samples = {s.key: s for s in table_to_samples(self.images.read_index(shard))}
+        if self.duplicates is not None:  # removed duplicates become skipped rows, never captioned
+            self.duplicates.skip(shard, samples.values())
         cap_counts: dict[str, int] = {}
         with ShardWriter(self.stage_dir, shard) as writer:
-            for batch in self._decoded_batches(shard, samples):
+            for batch, prepared in self._prepared_batches(shard, samples):
                 ok = [(s, raw, img) for s, raw, img in batch if not isinstance(img, Exception)]
                 for sample, _, error in batch:
                     if isinstance(error, Exception):
                         reason = error.reason if isinstance(error, ImageDecodeError) else "decode_error"
                         sample.fail(reason, str(error))
-                results = self.captioner.caption([img for _, _, img in ok]) if ok else []
+                results = self.captioner.generate(prepared) if prepared is not None else []
                 for (sample, raw, _), result in zip(ok, results, strict=True):
                     sample.caption, sample.caption_status = result.text, result.status
                     cap_counts[result.status] = cap_counts.get(result.status, 0) + 1
@@ -75,15 +83,18 @@ class CaptionStage:
             rows = sorted(samples.values(), key=lambda s: s.key)
             done = {
                 "stage": STAGE,
-                **lineage(config_hash(self.config.semantics()), self.images.read_done(shard)),
+                **lineage(config_hash(self.config.semantics()), (self.duplicates or self.images).read_done(shard)),
                 "by_caption_status": cap_counts,
                 "provenance": self._provenance,
                 **count_statuses(rows),
             }
             return writer.commit(samples_to_table(rows), done)
 
-    def _decoded_batches(self, shard: str, samples: dict[str, Sample]) -> Iterator[list[tuple[Sample, bytes, object]]]:
-        """Batches of (sample, original bytes, RGB image or the decode error), decoded ahead of the model."""
+    def _prepared_batches(
+        self, shard: str, samples: dict[str, Sample]
+    ) -> Iterator[tuple[list[tuple[Sample, bytes, object]], Prepared | None]]:
+        """Batches of (sample, original bytes, RGB image or the decode error), each with the model inputs of its
+        decoded images (None when none decoded), made ahead of the model."""
         size = self.captioner.input_size
 
         def decode(item: tuple[Sample, bytes]) -> tuple[Sample, bytes, object]:
@@ -99,16 +110,30 @@ class CaptionStage:
                 if sample.status == OK:
                     yield sample, members[sample.ext]
 
-        batch_size = self.config.model.batch_size
+        def prepare(batch: list[tuple[Sample, bytes, object]]) -> tuple[list, Prepared | None]:
+            images = [img for _, _, img in batch if not isinstance(img, Exception)]
+            return batch, self.captioner.prepare(images) if images else None
+
+        batch_size = self.captioner.batch_size
         threads = self.config.decode_threads
-        batch: list = []
-        for decoded in prefetch(todo(), decode, threads=threads, ahead=2 * batch_size + threads):
-            batch.append(decoded)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
+        # Decoding runs 2 batches ahead, so pulling the batch after next (below) finds its images decoded.
+        decoded = prefetch(todo(), decode, threads=threads, ahead=2 * batch_size + threads)
+        # Two batches in the processor while the model generates: one more would only hold memory.
+        for outcome in prefetch(_chunks(decoded, batch_size), prepare, threads=2, ahead=2):
+            if isinstance(outcome, Exception):  # decode errors are per sample; a processor error fails the shard
+                raise outcome
+            yield outcome
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
             yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def run_caption(
@@ -127,7 +152,7 @@ def run_caption(
     return run_stage(
         output=output,
         stage_dir=StageDir(f"{output.rstrip('/')}/{STAGE}"),
-        input_dir=images,
+        input_dir=DuplicateFilter.for_stage(output, images, config.include_duplicates) or images,
         make_stage=lambda: CaptionStage(output, config),
         tasks=[(s, None) for s in shards],
         semantics=config.semantics(),

@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from curation.buckets import MAX_TRAINER_RATIO
+from curation.dedup.filter import DuplicateFilter
 from curation.features.npy import read_npy
 from curation.features.stage import INPUT, T5_SIDECAR, vae_sidecar
-from curation.records import OK
+from curation.records import OK, SKIPPED
 from curation.shards import StageDir
 
 DATA_DIR, IMAGE_DIR = (
@@ -97,6 +98,7 @@ def export_pixart(
     multiscale: bool,
     *,
     reencode_png: bool = False,
+    include_duplicates: bool = False,
 ) -> dict[str, Any]:
     """Write the InternData/InternImgs layout for one resolution from OUT's feature shards; returns counts."""
     images = image_root(to_dir)
@@ -122,16 +124,22 @@ def export_pixart(
         "entries": 0,
         "left_out_ratio": 0,
         "failed": 0,
+        "skipped_duplicate": 0,  # removed by dedup (kept with include_duplicates)
         "shards": len(shards),
         "shards_without_features": len(all_shards) - len(shards),
     }
     entries: list[dict[str, Any]] = []
     seen: set[str] = set()
+    duplicates = DuplicateFilter.for_stage(output, captions, include_duplicates)
     for shard in shards:
         texts = {r["key"]: r for r in t5.read_index(shard).to_pylist()}
+        removed = duplicates.removed(shard) if duplicates is not None else {}
         keep: dict[str, dict[str, Any]] = {}
         for row in vae.read_index(shard).to_pylist():
             key = row["key"]
+            if key in removed or row["status"] == SKIPPED:
+                counts["skipped_duplicate"] += 1
+                continue
             if row["status"] != OK or texts.get(key, {}).get("status") != OK:
                 counts["failed"] += 1
                 continue

@@ -25,11 +25,12 @@ import numpy as np
 import pyarrow as pa
 
 from curation.buckets import BASES, bucket_size
+from curation.dedup.filter import DuplicateFilter
 from curation.features.npy import npy_bytes
 from curation.features.t5 import T5Features, TextFeatureConfig
 from curation.features.vae import VaeFeatureConfig, VaeFeatures, cover_size, to_pixels
 from curation.imaging import ImageDecodeError, decode_image, prefetch
-from curation.records import FAILED, OK, Sample, table_to_samples
+from curation.records import FAILED, OK, SKIPPED, Sample, table_to_samples
 from curation.shards import ShardWriter, StageDir, config_hash, lineage
 
 INPUT = "captions"
@@ -85,6 +86,7 @@ class FeaturesConfig:
     device: str = "auto"
     compile_vae: bool = False
     decode_threads: int = 4
+    include_duplicates: bool = False  # encode the samples dedup removes too (not in semantics: in the lineage)
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
@@ -132,6 +134,8 @@ class FeatureDirs:
         self.url = f"{output.rstrip('/')}/features"
         self.config = config
         self.input = StageDir(f"{output.rstrip('/')}/{INPUT}")
+        self.duplicates = DuplicateFilter.for_stage(output, self.input, config.include_duplicates)
+        self.upstream = self.duplicates or self.input  # the captions shards' lineage, dedup included
         self.dirs = {name: StageDir(f"{self.url}/{name}") for name in config.sidecars()}
         self.hashes = {name: config_hash(sem) for name, sem in config.sidecars().items()}
 
@@ -153,17 +157,17 @@ class FeatureDirs:
         if marker is None or marker.get("config_hash") != self.hashes[name]:
             return False
         if upstream is None:
-            upstream = self.input.read_done(shard).get("lineage", "")
+            upstream = self.upstream.read_done(shard).get("lineage", "")
         return marker.get("input_lineage") == upstream
 
     def read_done(self, shard: str) -> dict[str, Any]:
         """One summary over the sidecars present: a failed sample counts once, with the first sidecar's reason."""
         markers = {name: self._marker(name, shard) for name in self.dirs}
         present = {name: m for name, m in markers.items() if m is not None}
-        upstream = self.input.read_done(shard).get("lineage", "")
+        upstream = self.upstream.read_done(shard).get("lineage", "")
         stale = sorted(name for name, m in present.items() if m.get("config_hash") != self.hashes[name])
         chash = config_hash(self.config.semantics()) if not stale else "changed: " + ", ".join(stale)
-        first_failure: dict[str, str] = {}
+        first_failure: dict[str, tuple[str, str]] = {}  # key -> (status, reason)
         keys: list[str] = []
         for name in present:
             index = self.dirs[name].read_index(shard).select(["key", "status", "error_reason"]).to_pylist()
@@ -171,11 +175,14 @@ class FeatureDirs:
                 keys = [row["key"] for row in index]
             for row in index:
                 if row["status"] != OK and row["key"] not in first_failure:
-                    first_failure[row["key"]] = row["error_reason"] or "unknown"
+                    first_failure[row["key"]] = (row["status"], row["error_reason"] or "unknown")
         by_reason: dict[str, int] = {}
-        for reason in first_failure.values():
-            by_reason[reason] = by_reason.get(reason, 0) + 1
-        by_status = {OK: len(keys) - len(first_failure), FAILED: len(first_failure)}
+        by_skipped: dict[str, int] = {}
+        by_status = {OK: len(keys) - len(first_failure)}
+        for status, reason in first_failure.values():
+            by_status[status] = by_status.get(status, 0) + 1
+            tally = by_skipped if status == SKIPPED else by_reason
+            tally[reason] = tally.get(reason, 0) + 1
         inputs = {m.get("input_lineage") for m in present.values()}
         return {
             "shard": shard,
@@ -185,6 +192,7 @@ class FeatureDirs:
             "rows": len(keys),
             "by_status": {k: v for k, v in by_status.items() if v},
             "by_reason": by_reason,
+            "by_skipped": by_skipped,
         }
 
     def remove_shard(self, shard: str) -> None:
@@ -267,6 +275,8 @@ class FeaturesStage:
     def process(self, shard: str, _payload: Any = None) -> dict[str, Any]:
         todo = [name for name in self.dirs.dirs if not self.dirs.current(name, shard)]
         samples = table_to_samples(self.input.read_index(shard))
+        if self.dirs.duplicates is not None:  # removed duplicates become skipped rows in every sidecar
+            self.dirs.duplicates.skip(shard, samples)
         if T5_SIDECAR in todo:
             self._write_t5(shard, samples)
         resolutions = [
@@ -418,7 +428,7 @@ class FeaturesStage:
         semantics = self.config.sidecars()[name]
         return {
             "stage": f"features/{name}",
-            **lineage(self.dirs.hashes[name], self.input.read_done(shard)),
+            **lineage(self.dirs.hashes[name], self.dirs.upstream.read_done(shard)),
             "semantics": semantics,
             **_counts(rows),
             **extra,
@@ -437,10 +447,11 @@ def run_features(
     from curation.runner import Resources, run_stage
 
     shards = StageDir(f"{output.rstrip('/')}/{INPUT}").done_shards()
+    dirs = FeatureDirs(output, config)
     return run_stage(
         output=output,
-        stage_dir=FeatureDirs(output, config),
-        input_dir=StageDir(f"{output.rstrip('/')}/{INPUT}"),
+        stage_dir=dirs,
+        input_dir=dirs.upstream,
         make_stage=lambda: FeaturesStage(output, config),
         tasks=[(shard, None) for shard in shards],
         semantics=config.semantics(),

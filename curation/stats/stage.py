@@ -18,6 +18,7 @@ from typing import Any
 import fsspec
 import fsspec.implementations.local
 
+from curation.dedup.filter import DUPLICATE, DuplicateFilter
 from curation.records import OK
 from curation.shards import StageDir, config_hash, lineage, write_json_atomic
 from curation.stats.nouns import VALID_THRESHOLD, NounExtractor, NounStats, count_captions, decode_caption
@@ -33,6 +34,7 @@ class StatsConfig:
     fields: tuple[str, ...] = FIELDS
     valid_threshold: int = VALID_THRESHOLD
     name: str | None = None  # dataset name in the report; default: the output folder's name
+    include_duplicates: bool = False  # count the samples dedup removes too (not in semantics: in the lineage)
 
     def semantics(self) -> dict[str, Any]:
         # The threshold only shapes the merged report, not the per-shard partials.
@@ -45,19 +47,26 @@ class StatsStage:
         self.captions = StageDir(f"{root}/captions")
         self.stage_dir = StageDir(f"{root}/{STAGE}")
         self.config = config
+        self.duplicates = DuplicateFilter.for_stage(output, self.captions, config.include_duplicates)
 
     def setup(self) -> None:
         self.extractor = NounExtractor()
 
     def process(self, shard: str, payload: None = None) -> dict[str, Any]:
         started = time.time()
-        rows = [r for r in self.captions.read_index(shard).to_pylist() if r["status"] == OK]
+        # Duplicates are left out whether the caption stage skipped them or captioned them (--include-duplicates).
+        removed = self.duplicates.removed(shard) if self.duplicates is not None else {}
+        index = self.captions.read_index(shard).to_pylist()
+        rows = [r for r in index if r["status"] == OK and r["key"] not in removed]
+        duplicates = sum(r["key"] in removed or r["error_reason"] == DUPLICATE for r in index)
         partial: dict[str, Any] = {"buckets_1024": {}}
         invalid_utf8 = 0
         if "caption" in self.config.fields:
             # Captions are read from the tar's `.txt` members: they are what trainers read, and may be foreign bytes.
             texts = []
-            for _, members in self.captions.iter_samples(shard):
+            for key, members in self.captions.iter_samples(shard):
+                if key in removed:
+                    continue
                 text, invalid = decode_caption(members.get("txt", b""))
                 invalid_utf8 += invalid
                 texts.append(text)
@@ -72,8 +81,9 @@ class StatsStage:
             "stage": STAGE,
             "shard": shard,
             "rows": len(rows),
-            **lineage(config_hash(self.config.semantics()), self.captions.read_done(shard)),
+            **lineage(config_hash(self.config.semantics()), (self.duplicates or self.captions).read_done(shard)),
             "by_caption_bytes": {"invalid_utf8": invalid_utf8} if invalid_utf8 else {},
+            "by_skipped": {DUPLICATE: duplicates} if duplicates else {},
             "started": started,
             "seconds": round(time.time() - started, 3),
         }
@@ -139,7 +149,7 @@ def run_stats(output: str, config: StatsConfig, *, ray_address: str | None = Non
     summary = run_stage(
         output=output,
         stage_dir=StageDir(f"{root}/{STAGE}"),
-        input_dir=captions,
+        input_dir=DuplicateFilter.for_stage(output, captions, config.include_duplicates) or captions,
         make_stage=lambda: StatsStage(output, config),
         tasks=[(s, None) for s in shards],
         semantics=config.semantics(),

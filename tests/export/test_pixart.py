@@ -71,6 +71,7 @@ def test_every_index_entry_resolves_to_files_of_the_exact_shapes(tmp_path, outpu
         "entries": len(ok),
         "left_out_ratio": 1,
         "failed": 3,
+        "skipped_duplicate": 0,
         "shards": 2,
         "shards_without_features": 0,
     }

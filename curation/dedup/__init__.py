@@ -1,0 +1,1 @@
+"""Duplicate and near-duplicate images: hashing, grouping, the dedup stage, its filter and report."""

@@ -1,0 +1,474 @@
+"""Dedup stage: `images/` -> `dedup/` shards (same names and keys) marking exact and near-duplicate images.
+
+Three passes, each a set of Ray tasks through the runner, each resumable on its own:
+
+1. `dedup/hashes/NNNNN.parquet`: per images shard, each sample's SHA-256 and 64-bit pHash (`hashing.py`).
+2. `dedup/edges/band{b}-NNNNN.parquet`: per band of the multi-index (`grouping.py`) and range of query hashes,
+   the pairs within the threshold, verified by their true Hamming distance. Identical bytes give identical pHashes,
+   so exact duplicates are pairs at distance 0, marked `exact` by comparing their SHA-256.
+3. The driver joins the edges into groups (connected components) and picks each group's kept member: the largest
+   image (width x height), ties to the smallest key; `dedup/NNNNN.parquet` then gets one row per sample.
+
+Nothing on the driver grows with the number of samples: it hands out shard names and reads back only the edges,
+whose number follows the duplicates. Each pass-2 task holds one band index of every hash (~40 bytes a sample).
+
+A dedup shard's `lineage` changes only when the set of samples it removes changes (or its images shard was redone):
+later stages read it through `DuplicateFilter`, so a new threshold redoes just the shards whose removals changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.dedup.grouping import BAND_WIDTHS, BandIndex, components
+from curation.dedup.hashing import hamming, phash, sha256
+from curation.imaging import ImageDecodeError
+from curation.records import FAILED, OK
+from curation.shards import StageDir, config_hash, lineage, write_json_atomic, write_parquet_atomic
+
+STAGE = "dedup"
+HASH_VERSION = "phash-dct64-v1"
+DEFAULT_THRESHOLD = 8
+
+HASH_INDEX = pa.schema(
+    [
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("sha256", pa.binary(32)),
+        ("phash", pa.uint64()),
+        ("width", pa.int64()),  # as displayed, from ingest
+        ("height", pa.int64()),
+    ]
+)
+# Each end of an edge carries what choosing the kept member and the report need, so the driver reads only edges.
+_END_ATTRS = [("key", pa.string()), ("area", pa.int64()), ("phash", pa.uint64()), ("sha256", pa.binary(32))]
+EDGE_INDEX = pa.schema(
+    [
+        ("a", pa.int64()),  # sample ids: images shard number << 32 | row in its hash partial
+        ("b", pa.int64()),
+        ("distance", pa.int8()),
+        ("exact", pa.bool_()),  # same SHA-256
+        *[(f"{name}_{end}", kind) for end in "ab" for name, kind in _END_ATTRS],
+    ]
+)
+DEDUP_INDEX = pa.schema(
+    [
+        *HASH_INDEX,
+        ("group", pa.string()),  # the key of the group's kept member (itself when unique); null when failed
+        ("keep", pa.bool_()),  # false: a duplicate that later stages skip
+        ("group_size", pa.int64()),
+        ("distance", pa.int64()),  # Hamming distance of its pHash to the kept member's
+        ("exact", pa.bool_()),  # byte-identical to the kept member
+    ]
+)
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    threshold: int = DEFAULT_THRESHOLD  # pHash Hamming distance at or below which two images are duplicates
+    query_chunk: int = 2_000_000  # query hashes per pass-2 task: bounds a task's time, not what it finds
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold <= 16:
+            raise ValueError(f"threshold must be within 0..16 bits, got {self.threshold}")
+
+    def hash_semantics(self) -> dict[str, Any]:
+        return {"hash": HASH_VERSION}
+
+    def semantics(self) -> dict[str, Any]:
+        return {"hash": HASH_VERSION, "threshold": self.threshold}
+
+
+class Dirs:
+    """The folders dedup reads and writes under an output."""
+
+    def __init__(self, output: str) -> None:
+        root = output.rstrip("/")
+        self.images = StageDir(f"{root}/images")
+        self.hashes = StageDir(f"{root}/{STAGE}/hashes")
+        self.edges = StageDir(f"{root}/{STAGE}/edges")
+        self.dedup = StageDir(f"{root}/{STAGE}")
+
+
+def _publish(stage_dir: StageDir, shard: str, table: pa.Table, done: dict[str, Any]) -> dict[str, Any]:
+    """Index first, done marker last: a shard without its marker does not exist."""
+    done = {"shard": shard, "rows": table.num_rows, **done}
+    write_parquet_atomic(f"{stage_dir.url.rstrip('/')}/{shard}.parquet", table)
+    write_json_atomic(f"{stage_dir.url.rstrip('/')}/{shard}.done.json", done)
+    return done
+
+
+def _counts(statuses: list[str]) -> dict[str, int]:
+    return dict(Counter(statuses))
+
+
+# -- pass 1: hashes ---------------------------------------------------------------------------------------------
+class HashStage:
+    def __init__(self, output: str, config: DedupConfig) -> None:
+        self.dirs, self.config = Dirs(output), config
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, shard: str, _payload: Any = None) -> dict[str, Any]:
+        images = self.dirs.images
+        index = images.read_index(shard).select(["key", "status", "ext", "width", "height"]).to_pylist()
+        rows = {r["key"]: r for r in index}
+        hashed: dict[str, dict[str, Any]] = {}
+        for key, members in images.iter_samples(shard):
+            row = rows[key]
+            if row["status"] != OK or row["ext"] not in members:
+                continue
+            data = members[row["ext"]]
+            try:
+                hashed[key] = {"sha256": sha256(data), "phash": phash(data)}
+            except ImageDecodeError as exc:
+                hashed[key] = {"error": str(exc)}
+        out = []
+        for r in index:
+            h = hashed.get(r["key"], {"error": "failed upstream" if r["status"] != OK else "no image member"})
+            status = OK if "phash" in h else FAILED
+            out.append({"key": r["key"], "status": status, "width": r["width"], "height": r["height"], **h})
+        done = {
+            "stage": f"{STAGE}/hashes",
+            **lineage(config_hash(self.config.hash_semantics()), images.read_done(shard)),
+            "by_status": _counts([r["status"] for r in out]),
+        }
+        return _publish(self.dirs.hashes, shard, pa.Table.from_pylist(out, schema=HASH_INDEX), done)
+
+
+# -- pass 2: candidate pairs per band ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _AllHashes:
+    """Every sound hash of the run, in shard order: positions are what the band index works on."""
+
+    ids: np.ndarray
+    hashes: np.ndarray
+    table: pa.Table  # key, area, phash, sha256 by position
+
+    @classmethod
+    def load(cls, hashes_dir: StageDir, shards: list[str]) -> _AllHashes:
+        ids, tables = [], []
+        for number, shard in enumerate(shards):
+            table = hashes_dir.read_index(shard)
+            rows = np.arange(table.num_rows, dtype=np.int64)
+            sound = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == OK)
+            ids.append((number << 32) | rows[sound])
+            tables.append(table.filter(pa.array(sound)))
+        table = pa.concat_tables(tables) if tables else HASH_INDEX.empty_table()
+        area = pc.multiply(table.column("width"), table.column("height"))
+        attrs = pa.table(
+            {"key": table.column("key"), "area": area, "phash": table.column("phash"), "sha256": table.column("sha256")}
+        )
+        hashes = table.column("phash").to_numpy().astype(np.uint64)
+        return cls(np.concatenate(ids) if ids else np.empty(0, np.int64), hashes, attrs)
+
+
+class EdgeStage:
+    def __init__(self, output: str, config: DedupConfig) -> None:
+        self.dirs, self.config = Dirs(output), config
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, task: str, payload: dict[str, Any]) -> dict[str, Any]:
+        everything = _AllHashes.load(self.dirs.hashes, payload["shards"])
+        queries = np.arange(payload["start"], min(payload["stop"], len(everything.hashes)))
+        i, j, distance = BandIndex(everything.hashes, payload["band"]).pairs(self.config.threshold, queries)
+        ends = {"a": everything.table.take(pa.array(i)), "b": everything.table.take(pa.array(j))}
+        exact = pc.equal(ends["a"].column("sha256"), ends["b"].column("sha256"))
+        columns = {"a": everything.ids[i], "b": everything.ids[j], "distance": distance, "exact": exact}
+        for end, table in ends.items():
+            for name in table.column_names:
+                columns[f"{name}_{end}"] = table.column(name)
+        edges = pa.table(columns, schema=EDGE_INDEX)
+        done = {
+            "stage": f"{STAGE}/edges",
+            **lineage(config_hash(self.config.semantics()), {"lineage": payload["lineage"]}),
+            "by_pairs": {"exact": int(np.count_nonzero(exact)), "near": int(len(i) - np.count_nonzero(exact))},
+        }
+        return _publish(self.dirs.edges, task, edges, done)
+
+
+# -- pass 3: groups, kept member, dedup shards ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Member:
+    group: str  # the kept member's key
+    keep: bool
+    group_size: int
+    distance: int
+    exact: bool
+
+
+def group_members(edges: pa.Table) -> tuple[dict[int, Member], list[list[int]]]:
+    """Each id found in an edge -> its Member; and the groups (ids, kept first). Singletons are not listed."""
+    if edges.num_rows == 0:
+        return {}, []
+    a, b = edges.column("a").to_numpy(), edges.column("b").to_numpy()
+    nodes, labels = components(a, b)
+    attrs: dict[int, tuple[str, int, int, bytes]] = {}
+    for end in "ab":
+        cols = [edges.column(f"{n}_{end}").to_pylist() for n in ("key", "area", "phash", "sha256")]
+        for node, *values in zip(edges.column(end).to_pylist(), *cols, strict=True):
+            attrs[node] = tuple(values)
+    by_label: dict[int, list[int]] = {}
+    for node, label in zip(nodes.tolist(), labels.tolist(), strict=True):
+        by_label.setdefault(label, []).append(node)
+    members: dict[int, Member] = {}
+    groups = []
+    for ids in by_label.values():
+        ids.sort(key=lambda n: (-attrs[n][1], attrs[n][0]))  # largest first; ties: smallest key
+        kept_key, _, kept_phash, kept_sha = attrs[ids[0]]
+        for n in ids:
+            key, _, ph, sha = attrs[n]
+            members[n] = Member(kept_key, n == ids[0], len(ids), hamming(ph, kept_phash), sha == kept_sha)
+        groups.append(ids)
+    groups.sort(key=lambda ids: attrs[ids[0]][0])
+    return members, groups
+
+
+def removed_digest(keys: list[str]) -> str:
+    """What later stages' lineage sees of a dedup shard: which of its samples are removed ("" for none)."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16] if keys else ""
+
+
+class WriteStage:
+    def __init__(self, output: str, config: DedupConfig) -> None:
+        self.dirs, self.config = Dirs(output), config
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, shard: str, payload: dict[str, Any]) -> dict[str, Any]:
+        found = {key: Member(*values) for key, values in payload["members"].items()}
+        rows = self.dirs.hashes.read_index(shard).to_pylist()
+        for row in rows:
+            if row["status"] != OK:
+                row.update(group=None, keep=True, group_size=None, distance=None, exact=None)
+                continue
+            m = found.get(row["key"], Member(row["key"], True, 1, 0, False))
+            row.update(group=m.group, keep=m.keep, group_size=m.group_size, distance=m.distance, exact=m.exact)
+        removed = [r["key"] for r in rows if not r["keep"]]
+        chash = config_hash(self.config.semantics())
+        done = {
+            "stage": STAGE,
+            "config_hash": chash,
+            "input_lineage": payload["input_lineage"],
+            "images_lineage": self.dirs.images.read_done(shard).get("lineage", ""),
+            "removed_digest": removed_digest(removed),
+            "by_status": _counts([r["status"] for r in rows]),
+            "by_dedup": {k: v for k, v in (("kept", len(rows) - len(removed)), ("removed", len(removed))) if v},
+        }
+        # What later stages depend on: the images shard and which of its samples are removed, not the threshold.
+        done["lineage"] = config_hash({"images": done["images_lineage"], "removed": done["removed_digest"]})
+        return _publish(self.dirs.dedup, shard, pa.Table.from_pylist(rows, schema=DEDUP_INDEX), done)
+
+
+@dataclass(frozen=True)
+class _Lineages:
+    """An input folder as the runner sees it (`read_done`): a given lineage for each task name."""
+
+    by_task: dict[str, str]
+
+    def read_done(self, task: str) -> dict[str, str]:
+        return {"lineage": self.by_task[task]}
+
+
+@dataclass
+class DedupResult:
+    summaries: list[Any]  # the runner's RunSummary of each pass that ran
+    threshold: int
+    samples: int
+    groups: list[list[str]]  # keys, kept member first
+    group_sizes: dict[int, int]
+    removed: int
+    exact: int
+    edges: pa.Table
+
+    def lines(self) -> list[str]:
+        out = [line for s in self.summaries for line in s.lines()]
+        sizes = ", ".join(f"{n}x{size}" for size, n in sorted(self.group_sizes.items()))
+        out.append(
+            f"[dedup] threshold {self.threshold} bits: {len(self.groups)} duplicate group(s) ({sizes or 'none'}); "
+            f"{self.removed} of {self.samples} samples removed ({self.exact} byte-identical)"
+        )
+        return out
+
+
+def _up_to_date(dirs: Dirs, shards: list[str], chash: str) -> bool:
+    """Every images shard has a dedup shard of this config made from it as it is now (and nothing else)."""
+    if set(dirs.dedup.done_shards()) != set(shards):
+        return False
+    images = dirs.images.read_dones(shards)
+    return all(
+        m.get("config_hash") == chash and m.get("images_lineage") == images[s].get("lineage")
+        for s, m in dirs.dedup.read_dones(shards).items()
+    )
+
+
+def run_dedup(
+    output: str,
+    config: DedupConfig,
+    *,
+    ray_address: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> DedupResult:
+    """Hash, pair and group every done images shard; writes `dedup/`, `dedup/summary.json` and the report."""
+    from curation.dedup.report import write_duplicates_report
+    from curation.runner import Resources, SetupError, output_lock, pending_shards, ray_session, run_stage
+
+    dirs = Dirs(output)
+    shards = dirs.images.done_shards()
+    if not shards:
+        raise SetupError(f"{dirs.images.url} has no done shards: run `curation ingest` first")
+    chash = config_hash(config.semantics())
+    cpu = Resources(num_cpus=1)
+    kw = {"ray_address": ray_address, "force": force, "progress": progress}
+    summaries = []
+    with output_lock(output):
+        pending_shards(dirs.dedup, shards, chash, force)  # a changed threshold is refused before any work
+        if not _up_to_date(dirs, shards, chash):
+            with ray_session(ray_address):  # one cluster for the three passes
+                summaries.append(
+                    run_stage(
+                        output=output,
+                        stage_dir=dirs.hashes,
+                        input_dir=dirs.images,
+                        make_stage=lambda: HashStage(output, config),
+                        tasks=[(s, None) for s in shards],
+                        semantics=config.hash_semantics(),
+                        resources=cpu,
+                        **kw,
+                    )
+                )
+                hash_dones = dirs.hashes.read_dones(shards)
+                fingerprint = config_hash({s: hash_dones[s]["lineage"] for s in shards})
+                tasks = _edge_tasks(shards, hash_dones, config, fingerprint)
+                summaries.append(
+                    run_stage(
+                        output=output,
+                        stage_dir=dirs.edges,
+                        input_dir=_Lineages({t: fingerprint for t, _ in tasks}),
+                        make_stage=lambda: EdgeStage(output, config),
+                        tasks=tasks,
+                        semantics=config.semantics(),
+                        resources=cpu,
+                        **kw,
+                    )
+                )
+                edges = _read_edges(dirs.edges)
+                members, _ = group_members(edges)
+                payloads = _write_payloads(shards, members, edges, hash_dones)
+                summaries.append(
+                    run_stage(
+                        output=output,
+                        stage_dir=dirs.dedup,
+                        input_dir=_Lineages({s: p["input_lineage"] for s, p in payloads}),
+                        make_stage=lambda: WriteStage(output, config),
+                        tasks=payloads,
+                        semantics=config.semantics(),
+                        resources=cpu,
+                        **kw,
+                    )
+                )
+        edges = _read_edges(dirs.edges)
+        result = _result(summaries, config, edges, dirs, shards)
+        write_json_atomic(
+            f"{dirs.dedup.url.rstrip('/')}/summary.json",
+            {
+                "threshold": config.threshold,
+                "samples": result.samples,
+                "groups": len(result.groups),
+                "group_sizes": {str(k): v for k, v in sorted(result.group_sizes.items())},
+                "removed": result.removed,
+                "exact_removed": result.exact,
+            },
+        )
+        write_duplicates_report(output, result)
+    return result
+
+
+def _edge_tasks(
+    shards: list[str], hash_dones: dict[str, dict[str, Any]], config: DedupConfig, fingerprint: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """One task per (band, range of query positions); each loads every hash and probes from its range."""
+    sound = sum(hash_dones[s].get("by_status", {}).get(OK, 0) for s in shards)
+    tasks = []
+    for band in range(len(BAND_WIDTHS)):
+        for n, start in enumerate(range(0, max(sound, 1), config.query_chunk)):
+            payload = {"band": band, "start": start, "stop": start + config.query_chunk}
+            tasks.append((f"band{band}-{n:05d}", {**payload, "shards": shards, "lineage": fingerprint}))
+    return tasks
+
+
+def _read_edges(edges_dir: StageDir) -> pa.Table:
+    """All edge partials; a pair met in several bands is kept once."""
+    tables = []
+    for task in edges_dir.done_shards():
+        with edges_dir.fs.open(edges_dir.path(f"{task}.parquet"), "rb") as f:
+            tables.append(pq.read_table(f, schema=EDGE_INDEX))
+    if not tables:
+        return EDGE_INDEX.empty_table()
+    edges = pa.concat_tables(tables)
+    pair = np.stack([edges.column("a").to_numpy(), edges.column("b").to_numpy()], axis=1)
+    _, first = np.unique(pair, axis=0, return_index=True)
+    return edges.take(pa.array(np.sort(first)))
+
+
+def _write_payloads(
+    shards: list[str], members: dict[int, Member], edges: pa.Table, hash_dones: dict[str, dict[str, Any]]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Per shard: the duplicates it holds (key -> Member fields) and the lineage of that input."""
+    keys: dict[int, str] = {}
+    for end in "ab":
+        keys.update(zip(edges.column(end).to_pylist(), edges.column(f"key_{end}").to_pylist(), strict=True))
+    by_shard: dict[int, dict[str, list]] = {}
+    for node, m in members.items():
+        by_shard.setdefault(node >> 32, {})[keys[node]] = [m.group, m.keep, m.group_size, m.distance, m.exact]
+    payloads = []
+    for number, shard in enumerate(shards):
+        found = by_shard.get(number, {})
+        digest = json.dumps(found, sort_keys=True)
+        payloads.append(
+            (
+                shard,
+                {
+                    "members": found,
+                    "input_lineage": config_hash({"hashes": hash_dones[shard]["lineage"], "groups": digest}),
+                },
+            )
+        )
+    return payloads
+
+
+def _result(summaries: list[Any], config: DedupConfig, edges: pa.Table, dirs: Dirs, shards: list[str]) -> DedupResult:
+    members, groups = group_members(edges)
+    keys: dict[int, str] = {}
+    for end in "ab":
+        keys.update(zip(edges.column(end).to_pylist(), edges.column(f"key_{end}").to_pylist(), strict=True))
+    sizes: dict[int, int] = {}
+    for ids in groups:
+        sizes[len(ids)] = sizes.get(len(ids), 0) + 1
+    removed = [m for m in members.values() if not m.keep]
+    samples = sum(m.get("rows", 0) for m in dirs.dedup.read_dones(shards).values())
+    return DedupResult(
+        summaries=summaries,
+        threshold=config.threshold,
+        samples=samples,
+        groups=[[keys[n] for n in ids] for ids in groups],
+        group_sizes=sizes,
+        removed=len(removed),
+        exact=sum(m.exact for m in removed),
+        edges=edges,
+    )
