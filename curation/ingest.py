@@ -164,8 +164,9 @@ def run_ingest(
             force=force,
             progress=progress,
         )
-    if plan.skipped:
-        summary.counts["by_skipped"] = dict(plan.skipped)
+    skipped = summary.counts.setdefault("by_skipped", {})  # input files that are no row, by reason
+    for reason, n in plan.skipped.items():
+        skipped[reason] = skipped.get(reason, 0) + n
     return summary
 
 

@@ -52,32 +52,63 @@ def make_sa1b(root: Path, images: list[Path], first_id: int = 1) -> Path:
     return root
 
 
-def make_img2dataset(root: Path, images: list[Path], captions: list[str], failed: int = 2) -> Path:
-    """img2dataset output: 00000.tar (<key>.jpg/.txt/.json), 00000.parquet (incl. failed downloads), stats json."""
+def make_img2dataset(
+    root: Path,
+    images: list[Path],
+    captions: list[str | None],
+    failed: int = 2,
+    fmt: str = "webdataset",
+    shard: int = 0,
+) -> Path:
+    """img2dataset output as its writers lay it out, in one of its output formats (`shard` 00000 by default):
+
+    webdataset: 00000.tar (<key>.jpg/.txt/.json) + 00000.parquet; files: 00000/ (the same files) + 00000.parquet;
+    parquet: 00000.parquet alone, the bytes in its `jpg` column (null for failed rows). Every format also writes
+    00000_stats.json. Failed rows alternate between a failed download and a failed resize; a None caption is
+    written as img2dataset does: "" in the .txt, null in the json and parquet.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    with tarfile.open(root / "00000.tar", "w") as tar:
-        for i, (src, caption) in enumerate(zip(images, captions, strict=True)):
-            key = f"00000{i:04d}"
-            w, h = _size(src)
-            url = f"https://example.org/img/{i}.jpg"
-            meta = {"url": url, "caption": caption, "key": key, "status": "success", "error_message": None,
-                    "width": w, "height": h, "original_width": w, "original_height": h}  # fmt: skip
-            _add(tar, f"{key}.jpg", src.read_bytes())
-            _add(tar, f"{key}.txt", caption.encode())
-            _add(tar, f"{key}.json", json.dumps(meta).encode())
-            rows.append({"url": url, "caption": caption, "key": key, "status": "success", "error_message": None})
+    rows, files = [], {}
+    for i, (src, caption) in enumerate(zip(images, captions, strict=True)):
+        key = f"{shard:05d}{i:04d}"
+        w, h = _size(src)
+        url = f"https://example.org/img/{i}.jpg"
+        meta = {"url": url, "caption": caption, "key": key, "status": "success", "error_message": None,
+                "width": w, "height": h, "original_width": w, "original_height": h}  # fmt: skip
+        files[key] = {"jpg": src.read_bytes(), "txt": (caption or "").encode(), "json": json.dumps(meta).encode()}
+        rows.append(meta)
     for j in range(failed):
-        key = f"00000{len(images) + j:04d}"
-        rows.append({"url": f"https://example.org/gone/{j}.jpg", "caption": "gone", "key": key,
-                     "status": "failed_to_download", "error_message": "HTTP Error 404: Not Found"})  # fmt: skip
-    pq.write_table(pa.Table.from_pylist(rows), root / "00000.parquet")
-    (root / "00000_stats.json").write_text(json.dumps({"count": len(rows), "successes": len(images)}))
+        key = f"{shard:05d}{len(images) + j:04d}"
+        status, error = (("failed_to_download", "HTTP Error 404: Not Found") if j % 2 == 0
+                         else ("failed_to_resize", "image file is truncated"))  # fmt: skip
+        rows.append({"url": f"https://example.org/gone/{j}.jpg", "caption": "gone", "key": key, "status": status,
+                     "error_message": error, "width": None, "height": None, "original_width": None,
+                     "original_height": None})  # fmt: skip
+    if fmt == "webdataset":
+        with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
+            for key, members in files.items():
+                for ext, data in members.items():
+                    _add(tar, f"{key}.{ext}", data)
+    elif fmt == "files":
+        (root / f"{shard:05d}").mkdir()
+        for key, members in files.items():
+            for ext, data in members.items():
+                (root / f"{shard:05d}" / f"{key}.{ext}").write_bytes(data)
+    else:
+        assert fmt == "parquet", fmt
+        for row in rows:
+            row["jpg"] = files[row["key"]]["jpg"] if row["key"] in files else None
+    pq.write_table(pa.Table.from_pylist(rows), root / f"{shard:05d}.parquet")
+    (root / f"{shard:05d}_stats.json").write_text(json.dumps({"count": len(rows), "successes": len(images)}))
     return root
 
 
-def make_journeydb(root: Path, images: list[Path], missing: int = 1) -> Path:
-    """JourneyDB: imgs/000.tgz holding 000/<id>.jpg, and an annotation JSONL (one more line than images if missing)."""
+def make_journeydb(
+    root: Path, images: list[Path], missing: int = 1, annotations: str = "jsonl", absent: dict[str, int] | None = None
+) -> Path:
+    """JourneyDB: imgs/000.tgz holding 000/<id>.jpg, and the annotation file (`annotation.jsonl`, or the released
+    `annotation.jsonl.tgz`): a line per image, `missing` more for images absent from 000.tgz, and `absent[archive]`
+    lines for archives that were not downloaded."""
     (root / "imgs").mkdir(parents=True, exist_ok=True)
     lines = []
     with tarfile.open(root / "imgs" / "000.tgz", "w:gz") as tar:
@@ -88,5 +119,12 @@ def make_journeydb(root: Path, images: list[Path], missing: int = 1) -> Path:
                           "Task2": {"Caption": f"A caption of photo {i}."}})  # fmt: skip
     for j in range(missing):
         lines.append({"img_path": f"./000/{j:04x}missing.jpg", "prompt": "lost", "Task2": {"Caption": "lost"}})
-    (root / "annotation.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for archive, n in (absent or {}).items():
+        lines += [{"img_path": f"./{archive}/{archive}{j:04x}.jpg", "prompt": "elsewhere"} for j in range(n)]
+    text = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    if annotations == "jsonl":
+        (root / "annotation.jsonl").write_bytes(text)
+    else:
+        with tarfile.open(root / "annotation.jsonl.tgz", "w:gz") as tar:
+            _add(tar, "annotation.jsonl", text)
     return root

@@ -139,3 +139,134 @@ def test_sigkill_mid_ingest_then_rerun_gives_the_uninterrupted_keys(tmp_path, co
             pq.read_table(ref / "images" / f"{shard}.parquet")
         )
         assert (out / "images" / f"{shard}.tar").read_bytes() == (ref / "images" / f"{shard}.tar").read_bytes()
+
+
+# --- planning by source shards ------------------------------------------------------------------------------------
+
+
+def test_img2dataset_output_formats_ingest_to_the_same_rows(tmp_path, coco_files, ray_local):
+    """webdataset, files and parquet output of one img2dataset run give the same rows; failures keep their reason."""
+    fields = ("status", "error_reason", "error", "original_caption", "source_id", "width", "height", "ext")
+    found = {}
+    for fmt in ("webdataset", "files", "parquet"):
+        src = make_img2dataset(tmp_path / fmt, coco_files[:3], ["a dog", None, "ünïcode"], failed=2, fmt=fmt)
+        summary = run_ingest(str(tmp_path / f"out-{fmt}"), IngestConfig("img2dataset", str(src)), progress=False)
+        assert summary.by_reason == {"failed_to_download": 1, "failed_to_resize": 1}, fmt
+        rows = index_rows(tmp_path / f"out-{fmt}", "images")
+        assert StageDir(f"{tmp_path}/out-{fmt}/images").done_shards() == ["00000-000"], fmt
+        found[fmt] = {k: {f: r[f] for f in fields} for k, r in rows.items()}
+        assert json.loads(rows["000000003"]["source_meta"])["url"] == "https://example.org/gone/0.jpg"
+    assert found["webdataset"] == found["files"] == found["parquet"]
+    rows = found["parquet"]
+    assert rows["000000001"]["original_caption"] is None, "a null caption stays null"
+    assert (rows["000000004"]["error_reason"], rows["000000004"]["error"]) == (
+        "failed_to_resize",
+        "image file is truncated",
+    )
+    with Image.open(coco_files[2]) as im:
+        assert (rows["000000002"]["width"], rows["000000002"]["height"]) == ImageOps.exif_transpose(im).size
+
+
+def test_shards_are_named_by_source_shard_and_part(tmp_path, coco_files, ray_local):
+    src = tmp_path / "in"
+    make_sa1b(src / "batch_a", coco_files[:5], first_id=1)
+    make_sa1b(src / "batch_b", coco_files[5:7], first_id=100)
+    summary = run_ingest(str(tmp_path / "out"), IngestConfig("sa1b", str(src), shard_size=2), progress=False)
+    assert StageDir(f"{tmp_path}/out/images").done_shards() == [
+        "batch_a__sa_000000-000", "batch_a__sa_000000-001", "batch_a__sa_000000-002", "batch_b__sa_000000-000"
+    ]  # fmt: skip
+    assert summary.samples == 7 and len(index_rows(tmp_path / "out", "images")) == 7
+
+
+def test_a_key_clash_across_source_shards_is_refused_before_any_shard(tmp_path, coco_files, ray_local):
+    from curation.runner import ShardError
+
+    src = tmp_path / "in"
+    make_sa1b(src / "a", coco_files[:3], first_id=1)
+    make_sa1b(src / "b", coco_files[3:5], first_id=3)  # sa_3 again
+    with pytest.raises(ShardError, match=r"duplicate key 'sa_3': .*a/sa_000000.tar:sa_3.jpg and .*b/sa_000000.tar"):
+        run_ingest(str(tmp_path / "out"), IngestConfig("sa1b", str(src)), progress=False)
+    assert not (tmp_path / "out" / "images").exists() or not StageDir(f"{tmp_path}/out/images").done_shards()
+
+
+def test_an_output_of_the_old_plan_is_refused_and_force_replans_it(tmp_path, coco_files, ray_local):
+    """Outputs written before planning by source shards were cut by position into 00000, 00001, ...: rebuild one."""
+    from curation.runner import SetupError
+    from curation.shards import config_hash
+
+    src, out = make_folder(tmp_path / "in", coco_files[:5], nested=False), tmp_path / "out"
+    config = IngestConfig("folder", str(src), shard_size=2)
+    run_ingest(str(out), config, progress=False)
+    old_semantics = {k: v for k, v in config.semantics().items() if k != "plan"}
+    for i, shard in enumerate(StageDir(f"{out}/images").done_shards()):
+        for ext in ("tar", "parquet", "done.json"):
+            (out / "images" / f"{shard}.{ext}").rename(out / "images" / f"{i:05d}.{ext}")
+        done = json.loads((out / "images" / f"{i:05d}.done.json").read_text())
+        done.update(shard=f"{i:05d}", config_hash=config_hash(old_semantics))
+        (out / "images" / f"{i:05d}.done.json").write_text(json.dumps(done))
+    with pytest.raises(SetupError, match=r"different configuration \(e.g. 00000\).*--force"):
+        run_ingest(str(out), config, progress=False)
+    summary = run_ingest(str(out), config, force=True, progress=False)
+    assert summary.shards_run == 3
+    assert StageDir(f"{out}/images").done_shards() == ["root-000", "root-001", "root-002"]
+    assert len(index_rows(out, "images")) == 5  # every key once: the old plan's shards are gone
+
+
+def test_journeydb_partial_download_is_one_summary_line(tmp_path, coco_files, ray_local):
+    src = make_journeydb(tmp_path / "in", coco_files[:2], missing=1, annotations="jsonl.tgz", absent={"001": 4})
+    summary = run_ingest(str(tmp_path / "out"), IngestConfig("journeydb", str(src)), progress=False)
+    assert summary.by_status == {"ok": 2, "failed": 1} and summary.by_reason == {"missing_image": 1}
+    assert "[images] skipped: not_downloaded=4" in summary.lines()
+
+
+def test_user_mistakes_are_one_line(tmp_path, coco_files):
+    from tests.reliability import cli, one_error_line
+
+    src = make_folder(tmp_path / "in", coco_files[:2])
+    inside = one_error_line(cli("ingest", "--source", "folder", "--input", str(src), "--output", str(src / "out")),
+                            "ingest")  # fmt: skip
+    assert "is inside the input" in inside and "outside" in inside
+    assert not (src / "out").exists()
+    missing = one_error_line(cli("ingest", "--source", "folder", "--input", str(tmp_path / "nope"), "--output",
+                                 str(tmp_path / "out")), "ingest")  # fmt: skip
+    assert f"the input {tmp_path / 'nope'} does not exist" in missing
+    make_sa1b(tmp_path / "sa", coco_files[:2])
+    wrong = one_error_line(cli("ingest", "--source", "img2dataset", "--input", str(tmp_path / "sa"), "--output",
+                               str(tmp_path / "out"), "--no-progress"), "ingest")  # fmt: skip
+    assert "use --source sa1b" in wrong
+
+
+def _probe(*args: str, env: dict | None = None) -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "driver_probe.py"), *args], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _many_tars(root, coco_files, tars: int, per_tar: int):
+    for t in range(tars):
+        make_img2dataset(root, coco_files[:per_tar], [f"photo {i}" for i in range(per_tar)], failed=1, shard=t)
+    return root
+
+
+@pytest.mark.slow
+def test_the_driver_reads_no_archive_bytes(tmp_path, coco_files):
+    src = _many_tars(tmp_path / "in", coco_files, tars=20, per_tar=5)
+    result = _probe("--source", "img2dataset", "--input", str(src), "--output", str(tmp_path / "out"))
+    assert result["samples"] == 20 * 6 and result["shards"] == 20
+    assert (result["driver_input_bytes"], result["driver_input_opens"]) == (0, 0)
+    assert len(index_rows(tmp_path / "out", "images")) == 120
+
+
+@pytest.mark.slow
+def test_the_driver_reads_no_archive_bytes_from_s3(tmp_path, coco_files, s3_server):
+    import fsspec
+
+    local = _many_tars(tmp_path / "in", coco_files, tars=4, per_tar=3)
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("probe")
+    fs.put(str(local) + "/", "probe/laion/", recursive=True)
+    result = _probe("--source", "img2dataset", "--input", "s3://probe/laion", "--output", str(tmp_path / "out"),
+                    env=s3_server)  # fmt: skip
+    assert result["samples"] == 16 and (result["driver_input_bytes"], result["driver_input_opens"]) == (0, 0)
+    assert len(index_rows(tmp_path / "out", "images")) == 16

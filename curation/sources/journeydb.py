@@ -143,9 +143,9 @@ def _lines(url: str) -> Iterator[tuple[str, str]]:
                 with tarfile.open(fileobj=raw, mode="r|gz") as tar:
                     for info in tar:
                         if info.isfile() and info.name.endswith(".jsonl"):
-                            text = io.TextIOWrapper(tar.extractfile(info), encoding="utf-8")
-                            for n, line in enumerate(text, 1):
-                                yield f"{url}:{info.name}:{n}", line
+                            # Line by line in bytes: a text wrapper would ask the tar stream to seek.
+                            for n, line in enumerate(tar.extractfile(info), 1):
+                                yield f"{url}:{info.name}:{n}", line.decode("utf-8", errors="replace")
             except (tarfile.TarError, EOFError, gzip.BadGzipFile) as exc:
                 raise SourceError(f"cannot read {url} as a tgz of JSONL annotations: {exc}") from exc
             return

@@ -32,13 +32,13 @@ _IMG2DATASET_SHARD = re.compile(r"\d+")
 def plan(dirs: list[ScannedDir], input_url: str) -> tuple[list[Unit], Counter]:
     units, skipped = [], Counter()
     for d in dirs:
-        names = {stem_of(url): url for url, _ in d.containers}
+        parquets = {stem_of(url) for url, _ in d.containers if url.endswith(".parquet")}
         for url, _ in d.containers:
             if not suffix_of(url, ARCHIVE_SUFFIXES) or suffix_of(url, ANNOTATION_SUFFIXES):
                 skipped["not_an_image"] += 1
                 continue
             stem = stem_of(url)
-            if _IMG2DATASET_SHARD.fullmatch(stem) and names.get(stem, "").endswith(".parquet"):
+            if _IMG2DATASET_SHARD.fullmatch(stem) and stem in parquets:
                 raise SourceError(
                     f"{url} with {stem}.parquet beside it is img2dataset output, not SA-1B: use --source img2dataset"
                 )

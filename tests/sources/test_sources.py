@@ -3,8 +3,9 @@ import tarfile
 
 import pytest
 
-from curation.sources import list_source
+from curation.sources import list_source, local_map, plan_source
 from curation.sources.base import SourceError
+from curation.sources.listing import read_listing
 from tests.layouts import make_folder, make_img2dataset, make_journeydb, make_sa1b
 
 
@@ -104,3 +105,110 @@ def test_malformed_annotations_are_clear_errors_not_crashes(tmp_path, coco_files
     (tmp_path / "x.jpg").write_bytes(coco_files[0].read_bytes())
     with pytest.raises(SourceError, match="img_path must be a string"):
         list_source("journeydb", str(tmp_path))
+
+
+# --- img2dataset as its users have it -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "files", "parquet"])
+def test_img2dataset_output_formats(tmp_path, coco_files, fmt):
+    root = make_img2dataset(tmp_path, coco_files[:3], ["a dog", None, "c"], failed=2, fmt=fmt)
+    items = {i.key: i for i in list_source("img2dataset", str(root))}
+    assert sorted(items) == [f"00000000{i}" for i in range(5)]
+    ok = [items[f"00000000{i}"] for i in range(3)]
+    if fmt == "parquet":  # the bytes are a cell of the parquet file; caption and url come with the row
+        assert all(i.image.column == "jpg" and i.image.offset == n for n, i in enumerate(ok))
+        assert ok[1].original_caption is None and ok[0].source_id == "https://example.org/img/0.jpg"
+    else:
+        assert all(i.image.member is not None if fmt == "webdataset" else i.image.member is None for i in ok)
+        assert all(i.caption is not None and i.meta is not None for i in ok)
+    download, resize = items["000000003"], items["000000004"]
+    assert (download.unavailable_reason, download.unavailable) == ("failed_to_download", "HTTP Error 404: Not Found")
+    assert (resize.unavailable_reason, resize.unavailable) == ("failed_to_resize", "image file is truncated")
+    assert download.source_id == "https://example.org/gone/0.jpg" and download.source_meta["url"] == download.source_id
+
+
+# --- a layout given the wrong --source --------------------------------------------------------------------------
+
+
+def test_img2dataset_on_sa1b_tars_is_refused(tmp_path, coco_files):
+    make_sa1b(tmp_path / "named", coco_files[:2])  # sa_000000.tar: refused by its name, before any task lists it
+    with pytest.raises(SourceError, match="use --source sa1b"):
+        list_source("img2dataset", str(tmp_path / "named"))
+    make_sa1b(tmp_path / "renamed", coco_files[:2])
+    (tmp_path / "renamed" / "sa_000000.tar").rename(tmp_path / "renamed" / "00000.tar")  # refused by its members
+    with pytest.raises(SourceError, match=r"holds SA-1B files .*use --source sa1b"):
+        list_source("img2dataset", str(tmp_path / "renamed"))
+
+
+def test_sa1b_on_img2dataset_output_is_refused(tmp_path, coco_files):
+    make_img2dataset(tmp_path / "i2d", coco_files[:2], ["a", "b"])
+    with pytest.raises(SourceError, match="img2dataset output, not SA-1B: use --source img2dataset"):
+        list_source("sa1b", str(tmp_path / "i2d"))
+    (tmp_path / "i2d" / "00000.parquet").unlink()  # a bare tar of other images: refused by its members
+    with pytest.raises(SourceError, match="not SA-1B; for img2dataset output use --source img2dataset"):
+        list_source("sa1b", str(tmp_path / "i2d"))
+
+
+def test_folder_on_webdataset_tars_is_refused(tmp_path, coco_files):
+    make_img2dataset(tmp_path, coco_files[:2], ["a", "b"])
+    with pytest.raises(SourceError, match="no loose images: .*use --source img2dataset"):
+        list_source("folder", str(tmp_path))
+
+
+def test_journeydb_without_annotations_names_the_folder_source(tmp_path, coco_files):
+    make_folder(tmp_path, coco_files[:1])
+    with pytest.raises(SourceError, match=r"no JourneyDB annotation file .*use --source folder"):
+        list_source("journeydb", str(tmp_path))
+
+
+# --- JourneyDB as released, partly downloaded -------------------------------------------------------------------
+
+
+def test_journeydb_annotation_tgz_and_a_partial_download(tmp_path, coco_files):
+    root = make_journeydb(tmp_path, coco_files[:2], missing=1, annotations="jsonl.tgz", absent={"001": 3, "002": 2})
+    plan = plan_source("journeydb", str(root), str(tmp_path / "listings"), local_map)
+    items = {i.key: i for _, listing, _ in plan.units for i in read_listing(listing)}
+    # Archives 001 and 002 were never downloaded: 5 annotations counted, not 5 failed rows.
+    assert plan.skipped == {"not_downloaded": 5}
+    assert sorted(items) == ["0000deadbeef", "0000missing", "0001deadbeef"]
+    assert items["0000missing"].image is None and "not found in" in items["0000missing"].unavailable
+    assert items["0001deadbeef"].original_caption.startswith("a photo number 1")
+    assert [u.id for u, _, _ in plan.units] == ["imgs__000"]
+
+
+# --- folder: images by content; every other file counted ---------------------------------------------------------
+
+
+def test_folder_decides_by_content_and_counts_every_other_file(tmp_path, coco_files):
+    from PIL import Image
+
+    with Image.open(coco_files[0]) as a, Image.open(coco_files[1]) as b:
+        a.save(tmp_path / "stereo.mpo", format="MPO", save_all=True, append_images=[b.resize(a.size)])
+        a.save(tmp_path / "moving.apng", format="PNG", save_all=True, append_images=[b.resize(a.size)])
+    (tmp_path / "IMG_0001").write_bytes(coco_files[2].read_bytes())  # a camera dump without extensions
+    (tmp_path / "IMG_0001.txt").write_text("a caption for a file without an extension")
+    (tmp_path / "notes.txt").write_text("no image of that name")
+    (tmp_path / "README.md").write_text("# not an image")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    plan = plan_source("folder", str(tmp_path), str(tmp_path.parent / "listings"), local_map)
+    items = {i.key: i for _, listing, _ in plan.units for i in read_listing(listing)}
+    assert {k: i.ext for k, i in items.items()} == {"stereo": "mpo", "moving": "apng", "IMG_0001": "jpg"}
+    assert items["IMG_0001"].caption is not None
+    assert plan.skipped == {"not_an_image": 2, "caption_without_image": 1}
+
+
+# --- keys: unique across source shards, checked in partitioned passes ----------------------------------------------
+
+
+def test_a_key_clash_across_source_shards_is_found_by_any_pass(tmp_path, monkeypatch):
+    import curation.sources
+
+    for n in range(4):
+        _tar_with(tmp_path / f"sa_{n:06d}.tar", [f"sa_{100 + n}.jpg", f"sa_{200 + n}.jpg"])
+    _tar_with(tmp_path / "sa_000009.tar", ["sa_7.jpg", "sa_202.jpg"])
+    monkeypatch.setattr(curation.sources, "KEYS_PER_PASS", 3)  # 10 keys: 4 passes over the listings
+    with pytest.raises(SourceError) as err:
+        list_source("sa1b", str(tmp_path))
+    assert "duplicate key 'sa_202'" in str(err.value)
+    assert "sa_000002.tar:sa_202.jpg" in str(err.value) and "sa_000009.tar:sa_202.jpg" in str(err.value)
