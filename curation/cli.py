@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--source", required=True, choices=sorted(SOURCES))
     p.add_argument("--input", required=True, help="input folder, archive or fsspec URL")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per output shard (default 1000)")
+    p.add_argument("--workers", type=int, default=None, help="tasks at once (default: one per CPU of the cluster)")
     p = sub.add_parser("dedup", help="images/ -> dedup/: exact and near-duplicate groups, one kept member each")
     _common(p)
     p.add_argument("--threshold", type=int, default=8, help="pHash Hamming distance counted as duplicate (default 8)")
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
     p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="str.format template; {original} is the original caption")
+    p.add_argument("--name", default="default", help="caption set [a-z0-9_]+ (default: captions/, else captions-NAME/)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 on the CPU, what fits on a GPU")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--min-new-tokens", type=int, default=0)
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="dataset name in the table")
     p.add_argument("--column", default="caption", help="the corpus's caption field or column")
     p.add_argument("--valid-threshold", type=int, default=10, help="valid nouns appear more than this many times")
+    p.add_argument(
+        "--compare", nargs="+", default=(), metavar="OTHER", help="other outputs (stats run) or caption corpora"
+    )
     _include_duplicates(p)
     p.add_argument("--ray-address", default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -79,11 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     _feature_args(p)
     _include_duplicates(p)
 
-    p = sub.add_parser("export-pixart", help="feature shards -> PixArt-alpha's InternData/InternImgs layout")
+    p = sub.add_parser("export-pixart", help="feature shards -> PixArt-alpha's or Sigma's InternData/InternImgs layout")
     p.add_argument("--output", required=True, help="the run's output folder")
     p.add_argument("--to", required=True, help="the InternData folder to write (its path must name InternData once)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--multiscale", action="store_true", help="export the multi-scale (bucketed) latents")
+    p.add_argument("--format", choices=["alpha", "sigma"], default="alpha", help="PixArt-alpha or PixArt-Sigma layout")
+    p.add_argument("--prompt-field", default="original", help="Sigma: the `prompt` caption (original or a set name)")
+    p.add_argument("--sharegpt4v-field", default="default", help="Sigma: the `sharegpt4v` caption (a set name)")
+    p.add_argument("--vae-tag", default=None, help="read the VAE sidecars vae512-TAG (e.g. sdxl for Sigma)")
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--no-progress", action="store_true")
     _include_duplicates(p)
 
     p = sub.add_parser("run", help="ingest -> dedup -> caption -> stats -> features in one go, each stage resumable")
@@ -117,7 +128,10 @@ def _feature_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolutions", default="256,512,1024", help="comma-separated bucket bases")
     p.add_argument("--multiscale", action="store_true", help="latents at each image's aspect-ratio bucket")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="T5 feature storage")
-    p.add_argument("--field", choices=["caption", "original"], default="caption", help="which caption to encode")
+    p.add_argument(
+        "--field", default="caption", help="text to encode: caption (the default set), original, or a set name"
+    )
+    p.add_argument("--vae-tag", default=None, help="names the VAE sidecars vae512-TAG (e.g. sdxl for Sigma's VAE)")
     p.add_argument("--feature-device", default="auto", choices=["auto", "cuda", "cpu"])
 
 
@@ -132,6 +146,7 @@ def _features_config(args: argparse.Namespace):
         multiscale=args.multiscale,
         dtype=args.dtype,
         field=args.field,
+        vae_tag=args.vae_tag,
         device=args.feature_device,
         include_duplicates=getattr(args, "include_duplicates", False),
     )
@@ -155,13 +170,24 @@ def _features(args: argparse.Namespace) -> int:
 
 @command("export-pixart")
 def _export_pixart(args: argparse.Namespace) -> int:
-    from curation.export.pixart import export_pixart
+    from curation.export.pixart import export_pixart, index_dir
 
     counts = export_pixart(
-        args.output, args.to, args.resolution, args.multiscale, include_duplicates=args.include_duplicates
+        args.output,
+        args.to,
+        args.resolution,
+        args.multiscale,
+        format=args.format,
+        prompt_field=args.prompt_field,
+        sharegpt4v_field=args.sharegpt4v_field,
+        vae_tag=args.vae_tag,
+        include_duplicates=args.include_duplicates,
+        ray_address=args.ray_address,
+        progress=not args.no_progress,
     )
     print("[export-pixart] " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    print(f"PixArt InternData: {args.to}")
+    index = index_dir(args.multiscale, args.format)
+    print(f"PixArt InternData: {args.to} (index: one JSON file per shard in {index}/, pass them all as the list)")
     return 0
 
 
@@ -228,14 +254,16 @@ def _caption(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
-    config = CaptionStageConfig(model=model, workers=args.workers, include_duplicates=args.include_duplicates)
+    config = CaptionStageConfig(
+        model=model, workers=args.workers, include_duplicates=args.include_duplicates, name=args.name
+    )
     if args.decode_threads:
         config = dataclasses.replace(config, decode_threads=args.decode_threads)
     summary = run_caption(
         args.output, config, ray_address=args.ray_address, force=args.force, progress=not args.no_progress
     )
     _print_summary(summary)
-    print(f"captions: {args.output.rstrip('/')}/captions/")
+    print(f"captions: {args.output.rstrip('/')}/{config.folder}/")
     return 0
 
 
@@ -246,7 +274,12 @@ def _stats(args: argparse.Namespace) -> int:
     if args.captions:
         name = args.name or args.captions.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
         html = run_corpus_stats(
-            args.captions, name, args.output, column=args.column, valid_threshold=args.valid_threshold
+            args.captions,
+            name,
+            args.output,
+            column=args.column,
+            valid_threshold=args.valid_threshold,
+            compare=tuple(args.compare),
         )
     else:
         fields = ("caption", "original") if args.field == "both" else (args.field,)
@@ -255,6 +288,7 @@ def _stats(args: argparse.Namespace) -> int:
             valid_threshold=args.valid_threshold,
             name=args.name,
             include_duplicates=args.include_duplicates,
+            compare=tuple(args.compare),
         )
         summary, html = run_stats(args.output, config, ray_address=args.ray_address, progress=not args.no_progress)
         _print_summary(summary)
@@ -293,7 +327,12 @@ def _ingest(args: argparse.Namespace) -> int:
 
     config = IngestConfig(source=args.source, input=args.input, shard_size=args.shard_size)
     summary = run_ingest(
-        args.output, config, ray_address=args.ray_address, force=args.force, progress=not args.no_progress
+        args.output,
+        config,
+        ray_address=args.ray_address,
+        force=args.force,
+        progress=not args.no_progress,
+        workers=args.workers,
     )
     _print_summary(summary)
     print(f"images: {args.output.rstrip('/')}/images/")

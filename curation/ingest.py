@@ -159,7 +159,7 @@ def run_ingest(
             make_stage=lambda: IngestStage(output, config),
             tasks=plan.shards(config.shard_size),
             semantics=config.semantics(),
-            resources=Resources(num_cpus=1, workers=workers),
+            resources=Resources(num_cpus=1, workers=workers, stateless=True),
             ray_address=ray_address,
             force=force,
             progress=progress,

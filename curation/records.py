@@ -65,7 +65,8 @@ class Sample:
         self.status, self.error_reason, self.error = SKIPPED, reason, message
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Every field is a str, int or None: a shallow read, not `dataclasses.asdict`'s deep copy (~3x slower).
+        return {name: getattr(self, name) for name in self.__slots__}
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True).encode()

@@ -54,6 +54,7 @@ class Resources:
     num_gpus: float = 0
     gpu_optional: bool = False  # model stages: run on CPU actors when the cluster has no GPU (laptops, CI)
     workers: int | None = None  # default: as many as the cluster's resources allow
+    stateless: bool = False  # nothing to load (ingest): Ray tasks on warm pooled workers, no actor to start
 
 
 @dataclass
@@ -393,11 +394,13 @@ def run_tasks(
     *,
     max_in_flight: int | None = None,
     progress: bool = True,
+    shard_errors: bool = False,
 ) -> dict[str, Any]:
     """Run `fn(*args)` for each (task id, args) as Ray tasks; returns {task id: result}.
 
-    For planning work whose results are small (listings, key checks): stateless, so Ray's own retry serves (a task
-    whose worker dies runs again; what it writes is atomic). An error raised by a task stops the run in one line.
+    For work with nothing to load whose results are small (listings, key checks, ingest shards): Ray's own retry
+    serves (a task whose worker dies runs again; what it writes is atomic). An error raised by a task stops the run
+    in one line (naming the task as a shard with `shard_errors`).
     """
     import ray
     from ray.exceptions import RayTaskError
@@ -414,13 +417,16 @@ def run_tasks(
             while queue and len(running) < limit:
                 task_id, args = queue.popleft()
                 running[remote.remote(*args)] = task_id
-            ready, _ = ray.wait(list(running), num_returns=min(len(running), 64), timeout=1.0)
+            # The first to finish, then whatever else has finished by now: no task waits on another's end.
+            ready, rest = ray.wait(list(running), num_returns=1)
+            if rest:
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in ready:
                 task_id = running.pop(ref)
                 try:
                     results[task_id] = ray.get(ref)
                 except RayTaskError as exc:
-                    raise _task_failure(name, None, exc) from None
+                    raise _task_failure(name, task_id if shard_errors else None, exc) from None
                 bar.update(1)
     finally:
         bar.close()
@@ -447,6 +453,40 @@ def _placement(resources: Resources, n_tasks: int) -> tuple[float, int]:
     else:
         slots = int(available.get("CPU", 1) // max(resources.num_cpus, 1e-9))
     return num_gpus, max(1, min(slots, n_tasks))
+
+
+def _process_once(make_stage: Callable[[], Any], shard: str, payload: Any) -> dict[str, Any]:
+    stage = make_stage()
+    stage.setup()
+    return stage.process(shard, payload)
+
+
+def _run_stateless(
+    name: str,
+    make_stage: Callable[[], Any],
+    tasks: list[tuple[str, Any]],
+    resources: Resources,
+    *,
+    shards_total: int,
+    progress: bool = True,
+) -> RunSummary:
+    """`run_shards` for stages with nothing to load: each shard a Ray task, on workers that are already warm."""
+    started = time.time()
+    summary = RunSummary(name, shards_total=shards_total, shards_skipped=shards_total - len(tasks))
+    results = run_tasks(
+        name,
+        _process_once,
+        [(shard, (make_stage, shard, payload)) for shard, payload in tasks],
+        max_in_flight=resources.workers,
+        progress=progress,
+        shard_errors=True,
+    )
+    for done in results.values():
+        summary.add(done)
+        summary.samples_run += done.get("rows", 0)
+        summary.shards_run += 1
+    summary.seconds = time.time() - started
+    return summary
 
 
 def run_stage(
@@ -486,9 +526,8 @@ def run_stage(
         try:
             if pending:
                 with ray_session(ray_address):
-                    summary = run_shards(
-                        name, make_stage, pending, resources, shards_total=len(tasks), progress=progress
-                    )
+                    run = _run_stateless if resources.stateless else run_shards
+                    summary = run(name, make_stage, pending, resources, shards_total=len(tasks), progress=progress)
             else:  # a finished stage: no cluster to start or connect to
                 summary = RunSummary(name, shards_total=len(tasks), shards_skipped=len(tasks))
         finally:

@@ -24,11 +24,24 @@ os.environ.setdefault("NLTK_DATA", str(SHARED / "nltk_data"))
 
 @pytest.fixture(scope="session", autouse=True)
 def _remove_ray_temp_dirs_of_killed_runs():
-    """The fault tests SIGKILL drivers, which then cannot remove their Ray temp dir: remove what the session left."""
+    """The fault tests SIGKILL drivers, which then cannot remove their Ray temp dir: remove what the session left,
+    unless a live process still names it (a Ray started by another test session on this machine)."""
     before = set(Path("/tmp").glob("ray-*"))
     yield
+    live = " ".join(_command_lines())
     for path in set(Path("/tmp").glob("ray-*")) - before:
-        shutil.rmtree(path, ignore_errors=True)
+        if str(path) not in live:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _command_lines() -> list[str]:
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            out.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # gone meanwhile
+            pass
+    return out
 
 
 @pytest.fixture(scope="session")
