@@ -84,6 +84,11 @@ class ScannedDir:
     loose_exts: tuple[tuple[str, int], ...]  # the commonest extensions of those files, with counts (bounded)
     listing: str | None  # parquet of (url, size) for the loose files, when there are any
 
+    def rel_of(self, url: str) -> str:
+        """The input-relative path of one of this folder's entries."""
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        return f"{self.rel}/{name}" if self.rel else name
+
 
 @dataclass(frozen=True, slots=True)
 class Unit:

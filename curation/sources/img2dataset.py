@@ -48,13 +48,15 @@ def plan(dirs: list[ScannedDir], input_url: str) -> tuple[list[Unit], Counter]:
         if tars and all(_SA1B.fullmatch(stem_of(u)) for u in tars):
             raise SourceError(f"{tars[0]} is named like an SA-1B tar, not an img2dataset shard: use --source sa1b")
         for url in tars:
-            units.append(Unit(unit_id(_rel(d, url)), "tar", url, rel=_rel(d, url), sidecar=parquets.get(stem_of(url))))
+            units.append(
+                Unit(unit_id(d.rel_of(url)), "tar", url, rel=d.rel_of(url), sidecar=parquets.get(stem_of(url)))
+            )
         for stem, url in parquets.items():
             if stem in subdirs and by_url[subdirs[stem]].loose:  # the `files` format: a folder beside its parquet
                 sub = by_url[subdirs[stem]]
                 units.append(Unit(unit_id(sub.rel), "dir", sub.url, listing=sub.listing, rel=sub.rel, sidecar=url))
             elif not any(stem_of(t) == stem for t in tars):  # the `parquet` format: the images are in it
-                units.append(Unit(unit_id(_rel(d, url)), "parquet", url, rel=_rel(d, url)))
+                units.append(Unit(unit_id(d.rel_of(url)), "parquet", url, rel=d.rel_of(url)))
         skipped["not_a_shard"] += sum(
             1 for u, _ in d.containers if u.endswith(ARCHIVE_SUFFIXES) and not u.endswith(".tar")
         )
@@ -64,11 +66,6 @@ def plan(dirs: list[ScannedDir], input_url: str) -> tuple[list[Unit], Counter]:
             "use --source folder"
         )
     return units, skipped
-
-
-def _rel(d: ScannedDir, url: str) -> str:
-    name = url.rsplit("/", 1)[-1]
-    return f"{d.rel}/{name}" if d.rel else name
 
 
 def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:

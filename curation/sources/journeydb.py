@@ -64,7 +64,7 @@ def plan(dirs: list[ScannedDir], input_url: str, annotations_url: str) -> tuple[
             if not suffix_of(url, ARCHIVE_SUFFIXES):
                 skipped["not_an_image"] += 1
                 continue
-            rel = f"{d.rel}/{url.rsplit('/', 1)[-1]}" if d.rel else url.rsplit("/", 1)[-1]
+            rel = d.rel_of(url)
             units.append(Unit(unit_id(rel), "tar", url, rel=rel, annotations=_part(annotations_url, stem_of(url))))
         if any(ext in IMAGE_EXTENSIONS for ext, _ in d.loose_exts):
             archive = d.rel.rsplit("/", 1)[-1]

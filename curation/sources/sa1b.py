@@ -42,15 +42,10 @@ def plan(dirs: list[ScannedDir], input_url: str) -> tuple[list[Unit], Counter]:
                 raise SourceError(
                     f"{url} with {stem}.parquet beside it is img2dataset output, not SA-1B: use --source img2dataset"
                 )
-            units.append(Unit(unit_id(_rel(d, url)), "tar", url, rel=_rel(d, url)))
+            units.append(Unit(unit_id(d.rel_of(url)), "tar", url, rel=d.rel_of(url)))
         if any(ext in IMAGE_EXTENSIONS for ext, _ in d.loose_exts):
             units.append(Unit(unit_id(d.rel), "dir", d.url, listing=d.listing, rel=d.rel))
     return units, skipped
-
-
-def _rel(d: ScannedDir, url: str) -> str:
-    name = url.rsplit("/", 1)[-1]
-    return f"{d.rel}/{name}" if d.rel else name
 
 
 def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:
