@@ -153,22 +153,68 @@ def list_tar(url: str) -> list[tuple[str, Member]]:
     # ~22k headers, not 10 GB. Compressed or remote archives are streamed: one sequential pass is their cheapest read.
     seekable = not compressed and isinstance(fs, fsspec.implementations.local.LocalFileSystem)
     mode = "r:" if seekable else ("r|gz" if compressed else "r|")
-    out = []
     try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode=mode) as tar:
+        with fs.open(path, "rb") as f:
             end = fs.size(path) if seekable else None
-            for info in tar:
-                check_member_name(url, info.name)
-                if not info.isfile():
-                    continue
-                if end is not None and info.offset_data + info.size > end:  # seeking, a cut tail goes unnoticed
-                    raise tarfile.ReadError(f"unexpected end of data in {info.name!r}")
-                offset = None if compressed else info.offset_data
-                out.append((info.name, Member(url, info.name, offset, info.size)))
+            if seekable:
+                plain = _plain_headers(f, url, end)
+                if plain is not None:
+                    return plain
+                f.seek(0)
+            out = []
+            with tarfile.open(fileobj=f, mode=mode) as tar:
+                for info in tar:
+                    check_member_name(url, info.name)
+                    if info.isfile():
+                        out.append((info.name, _data_member(url, info.name, info.offset_data, info.size, end)))
+            if compressed:
+                out = [(name, Member(url, name, None, m.size)) for name, m in out]
+            return out
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         # A truncated download or a file that only bears the name: the listing is unusable, so stop, naming it.
         raise SourceError(f"cannot read {url} as a tar archive: {exc or type(exc).__name__}") from exc
-    return out
+
+
+def _data_member(url: str, name: str, offset: int, size: int, end: int | None) -> Member:
+    if end is not None and offset + size > end:  # seeking, a cut tail goes unnoticed
+        raise tarfile.ReadError(f"unexpected end of data in {name!r}")
+    return Member(url, name, offset, size)
+
+
+_BLOCK = 512
+_REGULAR, _OTHER = (b"0", b"\0", b"7"), (b"1", b"2", b"3", b"4", b"5", b"6")
+
+
+def _plain_headers(f, url: str, end: int) -> list[tuple[str, Member]] | None:
+    """The members of a tar whose headers are all plain ustar/GNU ones (what img2dataset, webdataset and SA-1B
+    write), read straight from the 512-byte headers: ~10x faster than `tarfile`'s object per member. None for
+    anything else (long names, pax headers, sparse files, a bad checksum): `tarfile` then reads the archive."""
+    out, pos = [], 0
+    while True:
+        f.seek(pos)
+        header = f.read(_BLOCK)
+        if not header or header == bytes(_BLOCK):
+            return out
+        if len(header) < _BLOCK or header[124] & 0x80:  # a cut header, or a base-256 size: tarfile decides
+            return None
+        try:
+            checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            return None
+        kind = header[156:157]
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]) or kind not in _REGULAR + _OTHER:
+            return None
+        if kind in _OTHER and size:  # a link or folder that carries data: unusual enough to leave to tarfile
+            return None
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:262] == b"ustar" and header[345] != 0:
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        text = name.decode("utf-8", "surrogateescape")
+        check_member_name(url, text)
+        if kind in _REGULAR and not (kind == b"\0" and text.endswith("/")):
+            out.append((text, _data_member(url, text, pos + _BLOCK, size, end)))
+        pos += _BLOCK + -(-size // _BLOCK) * _BLOCK
 
 
 def read_loose_listing(url: str) -> list[tuple[str, int]]:

@@ -212,3 +212,25 @@ def test_a_key_clash_across_source_shards_is_found_by_any_pass(tmp_path, monkeyp
         list_source("sa1b", str(tmp_path))
     assert "duplicate key 'sa_202'" in str(err.value)
     assert "sa_000002.tar:sa_202.jpg" in str(err.value) and "sa_000009.tar:sa_202.jpg" in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT])
+def test_plain_header_walk_lists_what_tarfile_lists(tmp_path, coco_files, fmt):
+    """Listing reads plain headers itself; long names, pax headers and the like fall back to tarfile: same members."""
+    from curation.sources.base import _plain_headers, list_tar
+
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        tar.add(coco_files[0], arcname="sa_1.jpg")
+        tar.add(coco_files[1], arcname=f"{'deep/' * 21}sa_2.jpg")  # > 100 characters: ustar prefix, GNU or pax
+        tar.add(tmp_path, arcname="a_folder", recursive=False)
+        tar.add(coco_files[2], arcname="ü/sa_3.jpg")
+    with tarfile.open(path) as tar:
+        expected = [(i.name, i.offset_data, i.size) for i in tar if i.isfile()]
+    assert [(n, m.offset, m.size) for n, m in list_tar(str(path))] == expected
+    with open(path, "rb") as f:
+        plain = _plain_headers(f, str(path), path.stat().st_size)
+    if fmt == tarfile.USTAR_FORMAT:  # every header plain: read without tarfile
+        assert [(n, m.offset, m.size) for n, m in plain] == expected
+    else:  # GNU long names, pax headers: left to tarfile
+        assert plain is None
