@@ -12,6 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHES = [
     "bench_ingest.py",
+    "bench_ingest_scale.py",
     "bench_stats.py",
     "bench_stats_ray.py",
     "bench_caption_cpu.py",
