@@ -27,13 +27,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curation.dedup.grouping import BAND_WIDTHS, BandIndex, components
 from curation.dedup.hashing import hamming, phash, sha256
 from curation.imaging import ImageDecodeError
 from curation.records import FAILED, OK
-from curation.shards import StageDir, config_hash, lineage, write_json_atomic, write_parquet_atomic
+from curation.shards import StageDir, config_hash, lineage, read_parquet, write_json_atomic, write_parquet_atomic
 
 STAGE = "dedup"
 HASH_VERSION = "phash-dct64-v1"
@@ -416,8 +415,7 @@ def _read_edges(edges_dir: StageDir) -> pa.Table:
     """All edge partials; a pair met in several bands is kept once."""
     tables = []
     for task in edges_dir.done_shards():
-        with edges_dir.fs.open(edges_dir.path(f"{task}.parquet"), "rb") as f:
-            tables.append(pq.read_table(f, schema=EDGE_INDEX))
+        tables.append(read_parquet(edges_dir.fs, edges_dir.path(f"{task}.parquet")).cast(EDGE_INDEX))
     if not tables:
         return EDGE_INDEX.empty_table()
     edges = pa.concat_tables(tables)

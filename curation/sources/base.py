@@ -22,6 +22,7 @@ import fsspec.implementations.local
 import pyarrow.parquet as pq
 
 from curation.records import safe_key
+from curation.shards import read_parquet
 
 IMAGE_EXTENSIONS = {
     "jpg", "jpeg", "jpe", "jfif", "png", "apng", "mpo", "webp", "gif", "bmp", "tif", "tiff", "ico", "jp2", "j2k",
@@ -219,9 +220,7 @@ def _plain_headers(f, url: str, end: int) -> list[tuple[str, Member]] | None:
 
 def read_loose_listing(url: str) -> list[tuple[str, int]]:
     """(URL, size) of the loose files a scanning task found in one folder."""
-    fs, path = fsspec.core.url_to_fs(url)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
+    table = read_parquet(*fsspec.core.url_to_fs(url))
     return list(zip(table.column("url").to_pylist(), table.column("size").to_pylist(), strict=True))
 
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.records import safe_key
-from curation.shards import write_bytes_atomic
+from curation.shards import read_parquet, write_bytes_atomic
 from curation.sources.base import (
     ANNOTATION_SUFFIXES,
     ARCHIVE_SUFFIXES,
@@ -193,8 +193,7 @@ def _read_part(url: str) -> dict[str, dict]:
     fs, path = fsspec.core.url_to_fs(url)
     if not fs.exists(path):
         return {}
-    with fs.open(path, "rb") as f:
-        rows = pq.read_table(f).to_pylist()
+    rows = read_parquet(fs, path).to_pylist()
     by_name: dict[str, dict] = {}
     for row in rows:
         base = row["img_path"].rsplit("/", 1)[-1]

@@ -18,10 +18,9 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curation.records import safe_key
-from curation.shards import write_parquet_atomic
+from curation.shards import read_parquet, write_parquet_atomic
 from curation.sources.base import (
     CONTAINER_SUFFIXES,
     Member,
@@ -103,9 +102,7 @@ def write_listing(url: str, items: list[SourceItem]) -> None:
 
 def read_listing(url: str, start: int = 0, stop: int | None = None) -> list[SourceItem]:
     """The items of one unit's listing, rows [start, stop) in key order."""
-    fs, path = fsspec.core.url_to_fs(url)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
+    table = read_parquet(*fsspec.core.url_to_fs(url))
     rows = table.slice(start, (stop if stop is not None else table.num_rows) - start).to_pylist()
     return [_item(row) for row in rows]
 
@@ -136,9 +133,7 @@ def check_keys(listings: list[str], part: int, parts: int) -> int:
     """
     keys, origin = [], []
     for i, url in enumerate(listings):
-        fs, path = fsspec.core.url_to_fs(url)
-        with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read(columns=["key", "bucket"])
+        table = read_parquet(*fsspec.core.url_to_fs(url), columns=["key", "bucket"])
         mine = pa.array(table.column("bucket").to_numpy() % parts == part)
         chosen = table.column("key").filter(mine)
         keys.append(chosen)
