@@ -11,6 +11,9 @@ loop in `list_source` (tests and tools on small inputs). Nothing the driver hold
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -29,7 +32,7 @@ from curation.sources.base import (
     check_unique,
     suffix_of,
 )
-from curation.sources.listing import check_keys, read_listing, scan_dir, write_listing
+from curation.sources.listing import check_keys, listing_about, read_listing, scan_dir, write_listing
 
 # The registry also feeds the CLI's --source choices.
 SOURCES: dict[str, Any] = {"folder": folder, "sa1b": sa1b, "img2dataset": img2dataset, "journeydb": journeydb}
@@ -120,11 +123,38 @@ def _name(url: str) -> str:
 
 
 def list_unit(source: str, unit: Unit, listing: str) -> dict[str, Any]:
-    """The listing task of one unit: its samples into `listing`, their count and what was skipped."""
+    """The listing task of one unit: its samples into `listing`, their count and what was skipped.
+
+    A listing made from the very same files (sizes and modification times or ETags, the folder listing's content)
+    is kept: a rerun after a crash does not read every archive's headers again (on object storage, its bytes).
+    """
+    fingerprint = unit_fingerprint(source, unit)
+    about = listing_about(listing)
+    if about and about.get("fingerprint") == fingerprint:
+        return {"items": about["items"], "skipped": about["skipped"]}
     items, skipped = SOURCES[source].list_unit(unit)
     check_unique(items)
-    write_listing(listing, items)
-    return {"items": len(items), "skipped": dict(skipped)}
+    result = {"items": len(items), "skipped": dict(skipped)}
+    write_listing(listing, items, {"fingerprint": fingerprint, **result})
+    return result
+
+
+LISTING_VERSION = 1  # bump when what a listing holds changes: older listings are then made again
+
+
+def unit_fingerprint(source: str, unit: Unit) -> str:
+    """What a unit's listing depends on: the source, the unit, and the state of every file it reads."""
+    state: list[Any] = [LISTING_VERSION, source, dataclasses.astuple(unit)]
+    for url in (unit.url if unit.kind != "dir" else None, unit.sidecar, unit.listing, unit.annotations):
+        if url is None:
+            continue
+        fs, path = fsspec.core.url_to_fs(url)
+        if url in (unit.listing, unit.annotations):  # rewritten by every run: their content is what counts
+            state.append(hashlib.sha256(fs.cat_file(path)).hexdigest() if fs.exists(path) else None)
+        else:
+            info = fs.info(path)
+            state.append([info.get("size"), info.get("mtime"), info.get("ETag"), info.get("LastModified")])
+    return hashlib.sha256(json.dumps(state, default=str).encode()).hexdigest()
 
 
 def _unique_ids(units: list[Unit]) -> list[Unit]:

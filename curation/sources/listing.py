@@ -18,6 +18,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from curation.records import safe_key
 from curation.shards import read_parquet, write_parquet_atomic
@@ -82,7 +83,8 @@ def scan_dir(url: str, rel: str, scan_folder: str) -> ScannedDir:
     return ScannedDir(url, rel, tuple(subdirs), tuple(containers), len(loose), tuple(exts), listing)
 
 
-def write_listing(url: str, items: list[SourceItem]) -> None:
+def write_listing(url: str, items: list[SourceItem], about: dict[str, Any] | None = None) -> None:
+    """One unit's items in key order; `about` (what the listing was made from) goes into the file's metadata."""
     items = sorted(items, key=lambda i: i.key)
     columns: dict[str, list[Any]] = {name: [] for name in LISTING_SCHEMA.names}
     for item in items:
@@ -97,7 +99,19 @@ def write_listing(url: str, items: list[SourceItem]) -> None:
             member = getattr(item, m)
             for f, _ in _MEMBER_FIELDS:
                 columns[f"{m}_{f}"].append(getattr(member, f) if member is not None else None)
-    write_parquet_atomic(url, pa.table(columns, schema=LISTING_SCHEMA))
+    table = pa.table(columns, schema=LISTING_SCHEMA)
+    write_parquet_atomic(url, table.replace_schema_metadata({"about": json.dumps(about or {}, sort_keys=True)}))
+
+
+def listing_about(url: str) -> dict[str, Any] | None:
+    """What an existing listing file was made from (its footer only), or None when there is none."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        metadata = pq.read_schema(f).metadata or {}
+    return json.loads(metadata.get(b"about", b"{}"))
 
 
 def read_listing(url: str, start: int = 0, stop: int | None = None) -> list[SourceItem]:

@@ -234,3 +234,18 @@ def test_plain_header_walk_lists_what_tarfile_lists(tmp_path, coco_files, fmt):
         assert [(n, m.offset, m.size) for n, m in plain] == expected
     else:  # GNU long names, pax headers: left to tarfile
         assert plain is None
+
+
+def test_a_listing_is_kept_while_its_files_are_unchanged(tmp_path, coco_files):
+    """A rerun reuses each unit's listing made from the same files, and lists again what changed."""
+    src = tmp_path / "in"
+    make_sa1b(src / "a", coco_files[:2], first_id=1)
+    make_sa1b(src / "b", coco_files[2:4], first_id=10)
+    work = tmp_path / "listings"
+    plan_source("sa1b", str(src), str(work), local_map)
+    listings = {p.name: p.stat().st_mtime_ns for p in (work / "units").iterdir()}
+    make_sa1b(src / "b", coco_files[2:5], first_id=10)  # b's tar rewritten with one more image
+    again = plan_source("sa1b", str(src), str(work), local_map)
+    assert (work / "units" / "a__sa_000000.parquet").stat().st_mtime_ns == listings["a__sa_000000.parquet"]
+    assert (work / "units" / "b__sa_000000.parquet").stat().st_mtime_ns != listings["b__sa_000000.parquet"]
+    assert {u.id: n for u, _, n in again.units} == {"a__sa_000000": 2, "b__sa_000000": 3}
