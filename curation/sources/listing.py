@@ -5,7 +5,7 @@
     units/<unit>.parquet       one source shard's samples (key, where its bytes are, captions, metadata), by key
 
 Each is written whole (temporary name, then rename; one PUT on object stores), so a killed task leaves none half
-written, and a rerun lists again from the input: the plan always reflects the input as it is now.
+written. A unit's listing records what it was made from; a rerun keeps it while those files are unchanged.
 """
 
 from __future__ import annotations
