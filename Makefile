@@ -19,10 +19,10 @@ export NLTK_DATA ?= $(SHARED)/nltk_data
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(BIN)/curation: pyproject.toml
+$(BIN)/curation: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -c constraints.txt
 	touch $@
 
 demo: $(BIN)/curation  ## run the whole pipeline on the bundled sample images (tiny random models)
