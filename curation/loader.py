@@ -9,6 +9,11 @@ An item, as PixArt's InternalData(MS) gives it: `latent` (C, h/8, w/8) = mean + 
 eps on every read, `t5` (L, D) float32, `mask` (L,) int64, `data_info` with `img_hw` (original h, w for
 multi-scale; R, R for single scale) and `aspect_ratio` (the bucket's h/w; 1.0 for single scale), `key`, and
 `caption` when caption shards are given. The index holds only tar offsets: members are read by seek.
+
+Any caption set's features: `t5` names its T5 sidecar (`t5`, `t5-<set>-<L>`, `t5-original-300`; see
+curation/features/stage.py). With `second_t5`, each read draws `t5` with probability `real_prompt_ratio`, else
+`second_t5`, as PixArt-Σ draws `prompt` or `sharegpt4v` (`text_source` says which); the draw uses the `random`
+module, which PyTorch seeds per DataLoader worker.
 """
 
 from __future__ import annotations
@@ -69,27 +74,39 @@ class FeatureDataset(Dataset):
         t5: str = "t5",
         captions: str | os.PathLike[str] | None = None,
         max_ratio: float | None = 4.0,
+        second_t5: str | None = None,
+        real_prompt_ratio: float = 1.0,
     ) -> None:
+        if not 0.0 <= real_prompt_ratio <= 1.0:
+            raise ValueError("real_prompt_ratio must be within [0, 1]")
         root = Path(features)
         t5_dir, vae_dir = root / t5, root / vae
-        shards = sorted(_done_shards(t5_dir) & _done_shards(vae_dir))
+        self.t5_name, self.second_t5, self.real_prompt_ratio = t5, second_t5, real_prompt_ratio
+        shards = _done_shards(t5_dir) & _done_shards(vae_dir)
+        if second_t5 is not None:
+            shards &= _done_shards(root / second_t5)
+        shards = sorted(shards)
         self.members: list[dict[str, _Member]] = []
         self.keys: list[str] = []
         self.meta: list[dict[str, Any]] = []
         for shard in shards:
             text = _scan(t5_dir / f"{shard}.tar", ("t5.npy", "t5mask.npy"))
+            second: dict[str, dict[str, _Member]] | None = None
+            if second_t5 is not None:
+                second = _scan(root / second_t5 / f"{shard}.tar", ("t5.npy", "t5mask.npy"))
             image = _scan(vae_dir / f"{shard}.tar", ("vae.npy", "json"))
             caption: dict[str, dict[str, _Member]] | None = None
             if captions is not None:
                 caption = _scan(Path(captions) / f"{shard}.tar", ("txt",))
             for key, vae_members in image.items():
-                if key not in text or (caption is not None and key not in caption):
+                if key not in text or any(d is not None and key not in d for d in (caption, second)):
                     continue  # failed in one sidecar: a row in its index, not a sample
                 meta = json.loads(_read(vae_members["json"]))
                 if max_ratio is not None and meta["orig_height"] / meta["orig_width"] > max_ratio:
                     continue
                 self.keys.append(key)
-                self.members.append({**text[key], **vae_members, **(caption or {}).get(key, {})})
+                drawn = {f"second.{ext}": m for ext, m in (second or {}).get(key, {}).items()}
+                self.members.append({**text[key], **vae_members, **(caption or {}).get(key, {}), **drawn})
                 self.meta.append(meta)
 
     def __len__(self) -> int:
@@ -110,11 +127,14 @@ class FeatureDataset(Dataset):
             aspect = float(meta["bucket"])
         else:
             img_hw, aspect = [meta["height"], meta["width"]], 1.0
+        use_second = self.second_t5 is not None and random.random() >= self.real_prompt_ratio
+        text = "second." if use_second else ""
         item = {
             "key": self.keys[index],
             "latent": latent,
-            "t5": torch.from_numpy(_npy(members["t5.npy"]).astype(np.float32)),
-            "mask": torch.from_numpy(_npy(members["t5mask.npy"]).astype(np.int64)),
+            "t5": torch.from_numpy(_npy(members[f"{text}t5.npy"]).astype(np.float32)),
+            "mask": torch.from_numpy(_npy(members[f"{text}t5mask.npy"]).astype(np.int64)),
+            "text_source": self.second_t5 if use_second else self.t5_name,
             "data_info": {
                 "img_hw": torch.tensor(img_hw, dtype=torch.float32),
                 "aspect_ratio": torch.tensor(aspect, dtype=torch.float32),

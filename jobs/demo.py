@@ -3,7 +3,9 @@
     python -m jobs.demo [--output demo-output]
 
 Two source layouts (a captioned folder and an img2dataset/LAION tar) go through ingest -> caption -> stats ->
-features, then a PixArt-alpha export and one batch of the bucket-aware loader. The models are random and tiny, so
+features; the LAION output then gets a second caption set (a prompt templated with the alt-text), Table 1 with
+a row per caption set, Σ's features (300 tokens, a tiny SDXL-shaped VAE), the PixArt-α and PixArt-Σ exports and
+one batch of the bucket-aware loader. The models are random and tiny, so
 the captions are noise: the demo shows the machinery. The real-model command is printed at the end.
 """
 
@@ -15,14 +17,15 @@ import sys
 from pathlib import Path
 
 from curation.caption.model import CaptionConfig
-from curation.caption.stage import CaptionStageConfig
+from curation.caption.stage import CaptionStageConfig, run_caption
 from curation.export.pixart import export_pixart
-from curation.features.stage import FeaturesConfig, run_features
+from curation.features.stage import SIGMA_MAX_LENGTH, FeaturesConfig, run_features
 from curation.ingest import IngestConfig
 from curation.pipeline import run_pipeline
 from curation.runner import ray_session
-from curation.stats.stage import StatsConfig
+from curation.stats.stage import StatsConfig, run_stats
 from curation.tiny import make_tiny_models
+from curation.tiny.vae import build_tiny_sdxl_vae
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SOURCES = [("folder", "folder", EXAMPLES / "folder"), ("laion", "img2dataset", EXAMPLES / "img2dataset")]
@@ -32,7 +35,17 @@ A real run (GPU, models from the Hugging Face Hub):
   curation run --source sa1b --input /data/sa1b --output /data/sa1b-curated \\
       --caption-model llava-hf/llava-1.5-7b-hf --t5 DeepFloyd/t5-v1_1-xxl --vae stabilityai/sd-vae-ft-ema \\
       --resolutions 256,512,1024 --multiscale
-  curation export-pixart --output /data/sa1b-curated --to /data/pixart/InternData --resolution 512 --multiscale"""
+  curation export-pixart --output /data/sa1b-curated --to /data/pixart/InternData --resolution 512 --multiscale
+PixArt-Σ from the same output: a dense caption set, 300-token T5 features of both captions, SDXL VAE latents:
+  curation caption --output /data/sa1b-curated --name dense --model llava-hf/llava-v1.6-mistral-7b-hf \\
+      --prompt "Describe this image in detail. Its original caption: {original}"
+  curation features --output /data/sa1b-curated --field original --max-length 300 \\
+      --vae madebyollin/sdxl-vae-fp16-fix --vae-tag sdxl --resolutions 1024 --multiscale
+  curation features --output /data/sa1b-curated --field dense --max-length 300 \\
+      --vae madebyollin/sdxl-vae-fp16-fix --vae-tag sdxl --resolutions 1024 --multiscale
+  curation export-pixart --output /data/sa1b-curated --to /data/pixart-sigma/InternData --format sigma \\
+      --sharegpt4v-field dense --vae-tag sdxl --resolution 1024 --multiscale"""
+TEMPLATE = "Describe this image, knowing its alt-text: {original}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,10 +74,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {name} ({source} layout, {folder.relative_to(EXAMPLES.parent)})")
             for summary in summaries:
                 print("\n".join(summary.lines()))
-    pixart = out / "pixart" / "InternData"
-    for multiscale in (False, True):
-        counts = export_pixart(str(out / "laion"), pixart, 512, multiscale)
-        print(f"[export-pixart 512{' multiscale' if multiscale else ''}] {counts}")
+        laion = str(out / "laion")
+        print("\n== laion: a second caption set, Table 1 across sets, PixArt-Σ features")
+        alttext = dataclasses.replace(
+            caption, model=dataclasses.replace(caption.model, prompt=TEMPLATE), name="alttext"
+        )
+        print("\n".join(run_caption(laion, alttext, progress=False).lines()))
+        _, reports["laion"] = run_stats(laion, StatsConfig(name="laion"), progress=False)  # counts the new set only
+        sdxl = out / "models" / "sdxl-vae"
+        if not (sdxl / "config.json").exists():
+            build_tiny_sdxl_vae(sdxl)
+        sigma = dataclasses.replace(
+            features, vae=str(sdxl), vae_tag="sdxl", max_length=SIGMA_MAX_LENGTH, resolutions=(512,)
+        )
+        for field, multiscale in (("original", False), ("default", False), ("default", True)):
+            config = dataclasses.replace(sigma, field=field, multiscale=multiscale)
+            print("\n".join(run_features(laion, config, progress=False).lines()))
+        pixart = out / "pixart" / "InternData"
+        for multiscale in (False, True):
+            counts = export_pixart(laion, pixart, 512, multiscale)
+            print(f"[export-pixart alpha 512{' multiscale' if multiscale else ''}] {counts}")
+        pixart_sigma = out / "pixart-sigma" / "InternData"
+        for multiscale in (False, True):
+            counts = export_pixart(laion, pixart_sigma, 512, multiscale, format="sigma", vae_tag="sdxl")
+            print(f"[export-pixart sigma 512{' multiscale' if multiscale else ''}] {counts}")
     print("\n" + _loader_batch(out / "laion"))
     print("\n" + (out / "laion" / "report" / "table1.md").read_text().split("\n## ")[0].strip())
     print(
@@ -75,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in reports:
         print(f"  {name}: images/ captions/ stats/ features/  report: {reports[name]}")
     print(f"  PixArt-alpha layout: {pixart} (and {pixart.parent / 'InternImgs'})")
+    print(f"  PixArt-Sigma layout: {pixart_sigma} (and {pixart_sigma.parent / 'InternImgs'})")
     print("\n" + REAL_RUN)
     return 0
 

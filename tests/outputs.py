@@ -27,3 +27,10 @@ def tar_members(out: str | Path, stage: str) -> dict[str, dict[str, bytes]]:
             assert key not in found, f"{stage}: member {key} written twice"
             found[key] = members
     return found
+
+
+def export_entries(index_dir: str | Path) -> list[dict]:
+    """Every entry of a PixArt export's index: one JSON array per shard, read as the trainers read a list of files."""
+    import json
+
+    return [entry for path in sorted(Path(index_dir).glob("*.json")) for entry in json.loads(path.read_text())]

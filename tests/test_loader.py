@@ -70,3 +70,37 @@ def test_batches_hold_one_bucket_and_cover_every_item_once(out):
     assert len(orders) > 1
     full = AspectRatioBatchSampler(ds.buckets, batch_size=2, drop_last=True)
     assert all(len(b) == 2 for b in full) and len(list(full)) == len(full)
+
+
+def test_any_caption_set_and_the_sigma_ratio_draw(out):
+    import random
+
+    from tests.features import make_named_set
+
+    texts = make_named_set(out, "dense")
+    t5, vae = str(out.parent / "t5"), str(out.parent / "vae")  # the fixture's models
+    config = FeaturesConfig(t5, vae, max_length=16, resolutions=(256,), multiscale=True, field="dense")
+    stage = FeaturesStage(str(out), config)
+    stage.setup()
+    for shard in StageDir(f"{out}/captions").done_shards():
+        assert stage.process(shard)["sidecars_written"] == ["t5-dense-16"]  # the VAE sidecar is current
+    dense = {k: m for shard in StageDir(f"{out}/features/t5-dense-16").done_shards()
+             for k, m in StageDir(f"{out}/features/t5-dense-16").iter_samples(shard)}  # fmt: skip
+    only = FeatureDataset(out / "features", "vae256ms", t5="t5-dense-16")
+    default = FeatureDataset(out / "features", "vae256ms")
+    # The set captions zz_nocaption too, which the default set left without a caption.
+    assert set(only.keys) == set(default.keys) | {"zz_nocaption"} and set(only.keys) <= set(texts)
+    for i, key in enumerate(only.keys):
+        np.testing.assert_array_equal(only[i]["t5"].numpy(), read_npy(dense[key]["t5.npy"]).astype(np.float32))
+    drawn = FeatureDataset(out / "features", "vae256ms", second_t5="t5-dense-16", real_prompt_ratio=0.25)
+    random.seed(0)
+    sources = []
+    for i in range(400):
+        item = drawn[i % len(drawn)]
+        sources.append(item["text_source"])
+        chosen = default if item["text_source"] == "t5" else only
+        expected = chosen[chosen.keys.index(item["key"])]
+        assert torch.equal(item["t5"], expected["t5"]) and torch.equal(item["mask"], expected["mask"])
+    assert set(sources) == {"t5", "t5-dense-16"} and 0.18 < sources.count("t5") / 400 < 0.32
+    always = FeatureDataset(out / "features", "vae256ms", second_t5="t5-dense-16", real_prompt_ratio=1.0)
+    assert len(drawn) == len(always) == len(default) and {always[i]["text_source"] for i in range(6)} == {"t5"}

@@ -17,7 +17,7 @@ from curation.features.npy import read_npy
 from curation.shards import StageDir
 from tests.conftest import EDGE_CASES, REPO
 from tests.layouts import make_folder
-from tests.outputs import index_rows, tar_members
+from tests.outputs import export_entries, index_rows, tar_members
 
 
 def _run_args(src, out, tiny_models, *extra) -> list[str]:
@@ -49,11 +49,11 @@ def test_run_on_coco_every_key_once_in_every_sidecar(tmp_path, coco_files, tiny_
             h, w = bucket_size(captions[key][f"bucket_{base}"], base)
             assert read_npy(m["vae.npy"]).shape == (8, h // 8, w // 8), key
     report = json.loads((out / "report" / "table1.json").read_text())
-    assert [r["images"] for r in report] == [len(coco_files)] * 2
+    assert [r["images"] for r in report] == [len(coco_files)]  # a folder without .txt: no original captions row
     # The trainer's view: export, then every index entry resolves to files of the exact shapes.
     assert main(["export-pixart", "--output", str(out), "--to", str(tmp_path / "px" / "InternData"),
                  "--resolution", "512", "--multiscale"]) == 0  # fmt: skip
-    entries = json.loads((tmp_path / "px" / "InternData" / "partition_filter" / "data_info.json").read_text())
+    entries = export_entries(tmp_path / "px" / "InternData" / "partition_filter")
     assert len(entries) == len(coco_files)
     for e in entries:
         k = e["path"].replace(".png", "")
@@ -86,7 +86,7 @@ def test_hostile_files_through_every_stage(tmp_path, tiny_models, ray_local, cap
     assert (
         main(["export-pixart", "--output", str(out), "--to", str(tmp_path / "InternData"), "--resolution", "256"]) == 0
     )
-    entries = json.loads((tmp_path / "InternData" / "partition" / "data_info.json").read_text())
+    entries = export_entries(tmp_path / "InternData" / "partition")
     assert 0 < len(entries) <= len(ok)
     assert all(e["height"] / e["width"] <= 4 for e in entries)  # the 590x88 TIFF (h/w 6.7) is left out
 

@@ -1,7 +1,8 @@
 """LLaVA captioner: a model stage holding AutoProcessor and the image-text-to-text model, loaded in setup().
 
-Works with any LLaVA-1.5 or LLaVA-NeXT checkpoint (Hub id or local folder), e.g. `llava-hf/llava-1.5-7b-hf`,
-and with the tiny random checkpoint from `curation.tiny.llava.build_tiny_llava`. `Captioner.from_loaded` wraps a
+Works with any LLaVA-1.5 or LLaVA-NeXT checkpoint (Hub id or local folder), e.g. `llava-hf/llava-1.5-7b-hf`, and
+with Idefics3 / SmolVLM (`HuggingFaceTB/SmolVLM-Instruct`): the checkpoint's own chat template and input size; and
+with the tiny random checkpoints from `curation.tiny.llava` and `curation.tiny.vlm`. `Captioner.from_loaded` wraps a
 model already in memory instead (bench/gpu_caption.py builds LLaVA-1.5-7B shapes with random weights on the GPU).
 """
 
@@ -199,6 +200,7 @@ class Captioner:
             size.get("shortest_edge", 0),
             size.get("height", 0),
             size.get("width", 0),
+            size.get("longest_edge", 0),  # Idefics3 / SmolVLM resize the longest edge (tiles included) to this
         )
         return side, side
 

@@ -6,6 +6,12 @@
     OUT/features/vae{R}ms/NNNNN.tar  at the sample's bucket size for base R (multi-scale); <key>.json sizes
     each with NNNNN.parquet (one row per sample, failed ones included) and NNNNN.done.json (last).
 
+Sidecar names: `t5` keeps every configuration it held before named caption sets (the default set's captions or the
+originals, any length but 300); the T5 features of a named caption set, or at PixArt-Σ's 300 tokens, go to
+`t5-<field>-<L>` (`t5-default-300`, `t5-original-300`, `t5-dense-120`), so α's and Σ's features coexist. A VAE
+other than α's may be given a tag, `vae512-sdxl`, `vae1024ms-sdxl`, so its latents sit beside the SD VAE's.
+Images (and the shard list) always come from `captions/`; a named set's text from `captions-<NAME>/`, same keys.
+
 Members are written in the captions shard's key order, so sidecars can also be read in lockstep with it.
 Each sidecar has its own config hash: adding a resolution later computes only that sidecar, and a shard is
 pending while any sidecar lacks a current done marker (`FeatureDirs` presents this to the runner).
@@ -25,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation.buckets import BASES, bucket_size
+from curation.caption.sets import DEFAULT_SET, check_set_name, set_dir
 from curation.dedup.filter import DuplicateFilter
 from curation.features.npy import npy_bytes
 from curation.features.t5 import T5Features, TextFeatureConfig
@@ -38,6 +45,7 @@ DEFAULT_T5 = "DeepFloyd/t5-v1_1-xxl"  # PixArt-alpha's text encoder (google/t5-v
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # PixArt-alpha's VAE
 T5_SIDECAR = "t5"
 FIELDS = {"caption": "caption", "original": "original_caption"}  # config value -> Sample attribute
+SIGMA_MAX_LENGTH = 300  # PixArt-Σ's T5 length (α: 120)
 STORAGE_DTYPES = ("float16", "float32")
 _T5_WINDOW_BATCHES = 4  # captions sorted by length within 4 batches: most of the gain, bounded memory
 
@@ -66,9 +74,16 @@ VAE_INDEX = pa.schema(
 )
 
 
-def vae_sidecar(resolution: int, multiscale: bool) -> str:
-    """Sidecar folder name: `vae512` (R x R centre crops) or `vae512ms` (bucket sizes at base 512)."""
-    return f"vae{resolution}{'ms' if multiscale else ''}"
+def vae_sidecar(resolution: int, multiscale: bool, tag: str | None = None) -> str:
+    """Sidecar folder name: `vae512` (R x R centre crops) or `vae512ms` (bucket sizes at base 512), `-<tag>` after."""
+    return f"vae{resolution}{'ms' if multiscale else ''}{f'-{tag}' if tag else ''}"
+
+
+def t5_sidecar(field: str, max_length: int) -> str:
+    """`t5` for the default set or the originals (any length but Σ's), else `t5-<field>-<L>` (see the module doc)."""
+    if field in FIELDS and max_length != SIGMA_MAX_LENGTH:
+        return T5_SIDECAR
+    return f"t5-{DEFAULT_SET if field == 'caption' else field}-{max_length}"
 
 
 @dataclass(frozen=True)
@@ -87,12 +102,20 @@ class FeaturesConfig:
     compile_vae: bool = False
     decode_threads: int = 4
     include_duplicates: bool = False  # encode the samples dedup removes too (not in semantics: in the lineage)
+    vae_tag: str | None = None  # names the VAE sidecars `vae512-<tag>` (e.g. "sdxl"), beside the default VAE's
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+        if self.field == DEFAULT_SET:  # the default caption set is the historical "caption" field (same hash)
+            object.__setattr__(self, "field", "caption")
         if self.field not in FIELDS:
-            raise ValueError(f"field must be one of {sorted(FIELDS)}, got {self.field!r}")
+            try:
+                check_set_name(self.field)  # a named caption set
+            except ValueError as exc:
+                raise ValueError(f"field must be caption, original or a caption set's name: {exc}") from None
+        if self.vae_tag is not None and not self.vae_tag.isalnum():
+            raise ValueError(f"vae_tag must be letters and digits, got {self.vae_tag!r}")
         bad = [r for r in self.resolutions if r not in BASES]
         if bad or not self.resolutions:
             raise ValueError(f"resolutions must be among {BASES} (PixArt's bucket bases), got {self.resolutions}")
@@ -113,10 +136,19 @@ class FeaturesConfig:
 
     def sidecars(self) -> dict[str, dict[str, Any]]:
         """{sidecar folder name: its semantics}; batch sizes and device do not change what is written."""
-        out = {T5_SIDECAR: self.t5_semantics()}
+        out = {self.t5_sidecar: self.t5_semantics()}
         for r in sorted(set(self.resolutions)):
-            out[vae_sidecar(r, self.multiscale)] = self.vae_semantics(r)
+            out[vae_sidecar(r, self.multiscale, self.vae_tag)] = self.vae_semantics(r)
         return out
+
+    @property
+    def t5_sidecar(self) -> str:
+        return t5_sidecar(self.field, self.max_length)
+
+    @property
+    def caption_set(self) -> str | None:
+        """The named caption set whose text is encoded; None for the default set's captions or the originals."""
+        return None if self.field in FIELDS else self.field
 
     def semantics(self) -> dict[str, Any]:
         return self.sidecars()
@@ -136,6 +168,8 @@ class FeatureDirs:
         self.input = StageDir(f"{output.rstrip('/')}/{INPUT}")
         self.duplicates = DuplicateFilter.for_stage(output, self.input, config.include_duplicates)
         self.upstream = self.duplicates or self.input  # the captions shards' lineage, dedup included
+        # A named set's T5 sidecar is also made from that set's shard: its lineage joins both.
+        self.text_set = StageDir(f"{output.rstrip('/')}/{set_dir(config.caption_set)}") if config.caption_set else None
         self.dirs = {name: StageDir(f"{self.url}/{name}") for name in config.sidecars()}
         self.hashes = {name: config_hash(sem) for name, sem in config.sidecars().items()}
 
@@ -158,7 +192,13 @@ class FeatureDirs:
             return False
         if upstream is None:
             upstream = self.upstream.read_done(shard).get("lineage", "")
-        return marker.get("input_lineage") == upstream
+        return marker.get("input_lineage") == self.input_lineage(name, shard, upstream)
+
+    def input_lineage(self, name: str, shard: str, upstream: str) -> str:
+        """What sidecar `name` of `shard` is made from: the captions shard (`upstream`), and a named set's shard."""
+        if self.text_set is None or name != self.config.t5_sidecar:
+            return upstream
+        return config_hash({"input": upstream, "set": self.text_set.read_done(shard).get("lineage", "")})
 
     def read_done(self, shard: str) -> dict[str, Any]:
         """One summary over the sidecars present: a failed sample counts once, with the first sidecar's reason."""
@@ -183,12 +223,15 @@ class FeatureDirs:
             by_status[status] = by_status.get(status, 0) + 1
             tally = by_skipped if status == SKIPPED else by_reason
             tally[reason] = tally.get(reason, 0) + 1
+        complete = all(self.current(name, shard, marker=m, upstream=upstream) for name, m in markers.items())
         inputs = {m.get("input_lineage") for m in present.values()}
+        if complete:  # every sidecar is made from the captions shard as it is (a named set's lineage joins it)
+            inputs = {upstream}
         return {
             "shard": shard,
             "config_hash": chash,
             "input_lineage": inputs.pop() if len(inputs) == 1 else None,  # sidecars from different inputs: outdated
-            "complete": all(self.current(name, shard, marker=m, upstream=upstream) for name, m in markers.items()),
+            "complete": complete,
             "rows": len(keys),
             "by_status": {k: v for k, v in by_status.items() if v},
             "by_reason": by_reason,
@@ -277,22 +320,19 @@ class FeaturesStage:
         samples = table_to_samples(self.input.read_index(shard))
         if self.dirs.duplicates is not None:  # removed duplicates become skipped rows in every sidecar
             self.dirs.duplicates.skip(shard, samples)
-        if T5_SIDECAR in todo:
+        if self.config.t5_sidecar in todo:
             self._write_t5(shard, samples)
-        resolutions = [
-            r for r in sorted(set(self.config.resolutions)) if vae_sidecar(r, self.config.multiscale) in todo
-        ]
+        c = self.config
+        resolutions = [r for r in sorted(set(c.resolutions)) if vae_sidecar(r, c.multiscale, c.vae_tag) in todo]
         if resolutions:
             self._write_vae(shard, samples, resolutions)
         return {**self.dirs.read_done(shard), "sidecars_written": todo}
 
     # -- T5 ------------------------------------------------------------------------------------------------
     def _write_t5(self, shard: str, samples: list[Sample]) -> None:
-        attr = FIELDS[self.config.field]
         texts: dict[str, str] = {}
         rows = []
-        for s in samples:
-            text = getattr(s, attr)
+        for s, text in self._texts(shard, samples):
             if s.status == OK and (text is None or not text.strip()):
                 s = dataclasses.replace(s)  # the failure is this sidecar's, not the captions row's
                 s.fail("no_text", f"sample {s.key} has no {self.config.field} text")
@@ -305,7 +345,7 @@ class FeaturesStage:
             r["tokens"] = counts.get(r["key"])
         dtype = np.dtype(self.config.dtype)
         window = _T5_WINDOW_BATCHES * self.config.t5_batch_size
-        with ShardWriter(self.dirs.dirs[T5_SIDECAR], shard) as writer:
+        with ShardWriter(self.dirs.dirs[self.config.t5_sidecar], shard) as writer:
             for start in range(0, len(keys), window):
                 chunk = keys[start : start + window]
                 features, mask = self.t5.encode([texts[k] for k in chunk], dtype=dtype)
@@ -314,8 +354,26 @@ class FeaturesStage:
                         key,
                         {"t5.npy": npy_bytes(features[i]), "t5mask.npy": npy_bytes(mask[i].astype(np.uint8))},
                     )
-            done = self._done(T5_SIDECAR, shard, rows, dim=self.t5.dim)
+            done = self._done(self.config.t5_sidecar, shard, rows, dim=self.t5.dim)
             writer.commit(pa.Table.from_pylist(rows, schema=T5_INDEX), done)
+
+    def _texts(self, shard: str, samples: list[Sample]) -> Iterator[tuple[Sample, str | None]]:
+        """(sample, text to encode): its field, or its caption in the named set (failed there: failed here too)."""
+        if self.dirs.text_set is None:
+            attr = FIELDS[self.config.field]
+            yield from ((s, getattr(s, attr)) for s in samples)
+            return
+        index = self.dirs.text_set.read_index(shard).select(["key", "status", "error_reason", "error", "caption"])
+        named = {r["key"]: r for r in index.to_pylist()}
+        for s in samples:
+            row = named.get(s.key)
+            if s.status == OK and row is None:
+                s = dataclasses.replace(s)  # the failure is this sidecar's, not the captions row's
+                s.fail("missing_caption", f"{s.key} is not in caption set {self.config.field}")
+            elif s.status == OK and row["status"] != OK:
+                s = dataclasses.replace(s)
+                s.fail(row["error_reason"] or "failed", row["error"] or "")
+            yield s, (row or {}).get("caption")
 
     # -- VAE ------------------------------------------------------------------------------------------------
     def _size(self, sample: Sample, resolution: int) -> tuple[str | None, tuple[int, int]]:
@@ -327,7 +385,7 @@ class FeaturesStage:
     def _write_vae(self, shard: str, samples: list[Sample], resolutions: list[int]) -> None:
         ms = self.config.multiscale
         ok = {s.key: s for s in samples if s.status == OK}
-        names = {r: vae_sidecar(r, ms) for r in resolutions}
+        names = {r: vae_sidecar(r, ms, self.config.vae_tag) for r in resolutions}
         writers: dict[int, ShardWriter] = {}
         try:
             for r in resolutions:  # inside the try: a writer that fails to open must not leak the others
@@ -426,9 +484,10 @@ class FeaturesStage:
 
     def _done(self, name: str, shard: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         semantics = self.config.sidecars()[name]
+        upstream = self.dirs.upstream.read_done(shard).get("lineage", "")
         return {
             "stage": f"features/{name}",
-            **lineage(self.dirs.hashes[name], self.dirs.upstream.read_done(shard)),
+            **lineage(self.dirs.hashes[name], {"lineage": self.dirs.input_lineage(name, shard, upstream)}),
             "semantics": semantics,
             **_counts(rows),
             **extra,
@@ -444,10 +503,15 @@ def run_features(
     progress: bool = True,
 ):
     """Compute the sidecars of every done captions shard on Ray; done ones are skipped (resumable)."""
-    from curation.runner import Resources, run_stage
+    from curation.runner import Resources, SetupError, run_stage
 
     shards = StageDir(f"{output.rstrip('/')}/{INPUT}").done_shards()
     dirs = FeatureDirs(output, config)
+    if dirs.text_set is not None and (missing := sorted(set(shards) - set(dirs.text_set.done_shards()))):
+        raise SetupError(
+            f"caption set {config.field!r} lacks {len(missing)} shard(s) of {INPUT}/ (e.g. {missing[0]}): "
+            f"run `curation caption --name {config.field}` first"
+        )
     return run_stage(
         output=output,
         stage_dir=dirs,

@@ -3,6 +3,9 @@
 Map then reduce: each shard's partial `NounStats` (per caption field) is written beside the shards with a done
 marker, so a rerun only counts new shards, and the merge is exact whatever the split. Images are the samples that
 were captioned (status ok), so the "original" and "caption" rows describe the same images side by side.
+
+Each named caption set (`captions-<NAME>/`) has its own partials in `stats-<NAME>/`, counted and resumed on its own,
+and its own Table 1 row; `compare` adds rows of other outputs or caption corpora to the same table.
 """
 
 from __future__ import annotations
@@ -11,16 +14,18 @@ import io
 import json
 import os
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import fsspec.implementations.local
 
+from curation.caption.sets import DEFAULT_SET, named_sets, set_dir
 from curation.dedup.filter import DUPLICATE, DuplicateFilter
 from curation.records import OK
-from curation.shards import StageDir, config_hash, lineage, write_json_atomic
+from curation.shards import StageDir, config_hash, lineage, read_parquet, write_json_atomic
 from curation.stats.nouns import VALID_THRESHOLD, NounExtractor, NounStats, count_captions, decode_caption
 from curation.stats.report import write_report
 
@@ -35,17 +40,23 @@ class StatsConfig:
     valid_threshold: int = VALID_THRESHOLD
     name: str | None = None  # dataset name in the report; default: the output folder's name
     include_duplicates: bool = False  # count the samples dedup removes too (not in semantics: in the lineage)
+    compare: tuple[str, ...] = ()  # other outputs (their stats run) or caption corpora: more rows in the table
 
     def semantics(self) -> dict[str, Any]:
         # The threshold only shapes the merged report, not the per-shard partials.
         return {"fields": list(self.fields)}
 
 
+def stats_dir(caption_set: str) -> str:
+    """Folder of a caption set's partials: `stats` for the default set (and the originals), else `stats-<NAME>`."""
+    return STAGE if caption_set == DEFAULT_SET else f"{STAGE}-{caption_set}"
+
+
 class StatsStage:
-    def __init__(self, output: str, config: StatsConfig) -> None:
+    def __init__(self, output: str, config: StatsConfig, caption_set: str = DEFAULT_SET) -> None:
         root = output.rstrip("/")
-        self.captions = StageDir(f"{root}/captions")
-        self.stage_dir = StageDir(f"{root}/{STAGE}")
+        self.captions = StageDir(f"{root}/{set_dir(caption_set)}")
+        self.stage_dir = StageDir(f"{root}/{stats_dir(caption_set)}")
         self.config = config
         self.duplicates = DuplicateFilter.for_stage(output, self.captions, config.include_duplicates)
 
@@ -91,9 +102,11 @@ class StatsStage:
         return done
 
 
-def merge_partials(output: str, fields: tuple[str, ...]) -> tuple[dict[str, NounStats], dict[str, int]]:
+def merge_partials(
+    output: str, fields: tuple[str, ...], caption_set: str = DEFAULT_SET
+) -> tuple[dict[str, NounStats], dict[str, int]]:
     """Sum every done shard's partial: {field: NounStats}, and image counts per aspect-ratio bucket."""
-    stage = StageDir(f"{output.rstrip('/')}/{STAGE}")
+    stage = StageDir(f"{output.rstrip('/')}/{stats_dir(caption_set)}")
     totals = {f: NounStats() for f in fields}
     buckets: dict[str, int] = {}
     for shard in stage.done_shards():
@@ -139,29 +152,71 @@ def gallery(output: str, limit: int = GALLERY_SIZE) -> list[dict[str, Any]]:
     return items
 
 
-def run_stats(output: str, config: StatsConfig, *, ray_address: str | None = None, progress: bool = True):
-    """Count nouns of every done caption shard on Ray, merge, and write `OUT/report/`."""
+def _run_set(output: str, config: StatsConfig, caption_set: str, ray_address: str | None, progress: bool):
     from curation.runner import Resources, run_stage
 
     root = output.rstrip("/")
-    captions = StageDir(f"{root}/captions")
-    shards = captions.done_shards()
-    summary = run_stage(
+    captions = StageDir(f"{root}/{set_dir(caption_set)}")
+    return run_stage(
         output=output,
-        stage_dir=StageDir(f"{root}/{STAGE}"),
+        stage_dir=StageDir(f"{root}/{stats_dir(caption_set)}"),
         input_dir=DuplicateFilter.for_stage(output, captions, config.include_duplicates) or captions,
-        make_stage=lambda: StatsStage(output, config),
-        tasks=[(s, None) for s in shards],
+        make_stage=lambda: StatsStage(output, config, caption_set),
+        tasks=[(s, None) for s in captions.done_shards()],
         semantics=config.semantics(),
         resources=Resources(num_cpus=1),
         ray_address=ray_address,
         progress=progress,
     )
-    totals, buckets = merge_partials(output, config.fields)
-    name = config.name or os.path.basename(root) or "dataset"
+
+
+def table_rows(output: str, config: StatsConfig, sets: list[str]) -> dict[str, NounStats]:
+    """{row name: NounStats} of an output's merged partials: originals, the default set, then each named set.
+
+    A field whose captions are empty everywhere (a source without alt-text) has no row, rather than a row of 0/0.
+    """
+    name = config.name or os.path.basename(output.rstrip("/")) or "dataset"
+    totals, _ = merge_partials(output, config.fields)
     names = {"caption": f"{name} (generated captions)", "original": f"{name} (original captions)"}
     # Originals first: the paper's layout reads "LAION" then "LAION-LLaVA".
-    ordered = {names[f]: totals[f] for f in ("original", "caption") if f in config.fields}
+    rows = {names[f]: totals[f] for f in ("original", "caption") if f in config.fields}
+    for s in sets:
+        rows[f"{name} ({s} captions)"] = merge_partials(output, ("caption",), s)[0]["caption"]
+    return {row: stats for row, stats in rows.items() if stats.images > stats.empty}
+
+
+def compare_rows(others: tuple[str, ...], valid_threshold: int = VALID_THRESHOLD) -> dict[str, NounStats]:
+    """Rows of other datasets: an output folder (from its `curation stats` partials), or a caption corpus file."""
+    rows: dict[str, NounStats] = {}
+    for other in others:
+        fs, path = fsspec.core.url_to_fs(other)
+        if fs.isdir(path):
+            sets = [s for s in named_sets(other) if s != DEFAULT_SET]
+            found = table_rows(other, StatsConfig(valid_threshold=valid_threshold), sets)
+            if not found:
+                raise FileNotFoundError(f"{other} has no caption statistics: run `curation stats --output {other}`")
+            rows |= found
+        else:
+            rows[os.path.basename(path.rstrip("/")).split(".")[0]] = count_captions(read_corpus(other, "caption"))
+    return rows
+
+
+def run_stats(output: str, config: StatsConfig, *, ray_address: str | None = None, progress: bool = True):
+    """Count nouns of every done caption shard (every caption set) on Ray, merge, and write `OUT/report/`.
+
+    Returns the summary of the default set's (and originals') stats, and the report's index.html.
+    """
+    from curation.runner import ray_session
+
+    root = output.rstrip("/")
+    sets = [s for s in named_sets(output) if s != DEFAULT_SET] if "caption" in config.fields else []
+    # One Ray session for all sets (only when there are several: a finished stage starts none).
+    with ray_session(ray_address) if sets else nullcontext():
+        summary = _run_set(output, config, DEFAULT_SET, ray_address, progress)
+        for s in sets:
+            _run_set(output, replace(config, fields=("caption",)), s, ray_address, progress)
+    _, buckets = merge_partials(output, config.fields)
+    ordered = table_rows(output, config, sets) | compare_rows(config.compare, config.valid_threshold)
     report_dir = write_local_report(
         f"{root}/report",
         lambda local: write_report(
@@ -172,13 +227,19 @@ def run_stats(output: str, config: StatsConfig, *, ray_address: str | None = Non
 
 
 def run_corpus_stats(
-    captions_file: str, name: str, output: str, *, column: str = "caption", valid_threshold: int = VALID_THRESHOLD
+    captions_file: str,
+    name: str,
+    output: str,
+    *,
+    column: str = "caption",
+    valid_threshold: int = VALID_THRESHOLD,
+    compare: tuple[str, ...] = (),
 ) -> str:
     """Table 1 of any caption corpus: JSONL with a `column` field per line, or parquet with that column."""
-    stats = count_captions(read_corpus(captions_file, column))
+    rows = {name: count_captions(read_corpus(captions_file, column))} | compare_rows(compare, valid_threshold)
     return write_local_report(
         f"{output.rstrip('/')}/report",
-        lambda local: write_report(local, {name: stats}, valid_threshold=valid_threshold),
+        lambda local: write_report(local, rows, valid_threshold=valid_threshold),
     )
 
 
@@ -186,10 +247,7 @@ def read_corpus(path: str, column: str):
     """Captions of a corpus file, one per image; a missing or null field counts as an empty caption."""
     fs, p = fsspec.core.url_to_fs(path)
     if p.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        with fs.open(p, "rb") as fh:
-            table = pq.read_table(fh, columns=[column])
+        table = read_parquet(fs, p, columns=[column])
         for value in table.column(column).to_pylist():
             yield value if value is None or isinstance(value, str) else str(value)
         return

@@ -73,32 +73,53 @@ The motorcycle is parked on the side of the road next to a fire hydrant and a be
 def build_tiny_llava(path: Path, *, seed: int = 0) -> Path:
     """Write a tiny random LLaVA-1.5 checkpoint (model, tokenizer, processor, chat template) to `path`."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        GenerationConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    bpe, tokenizer, ids = tiny_tokenizer()
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=CHAT_TEMPLATE,
+    )
+    vision, text = tiny_towers(tokenizer, ids)
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=ids[IMAGE_TOKEN],
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    save_tiny(LlavaForConditionalGeneration(config), processor, bpe, ids, path)
+    return path
+
+
+def tiny_tokenizer(extra_special: tuple[str, ...] = ()) -> tuple[Any, Any, dict[str, int]]:
+    """(tokenizers BPE, its PreTrainedTokenizerFast, {special token: id}): a byte-level BPE trained on CORPUS, with
+    `extra_special` tokens (another family's chat markers) after LLaVA's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=[*SPECIAL_TOKENS, *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(CORPUS.strip().splitlines(), trainer=trainer)
-    ids = {t: bpe.token_to_id(t) for t in SPECIAL_TOKENS}
+    ids = {t: bpe.token_to_id(t) for t in [*SPECIAL_TOKENS, *extra_special]}
     # Llama tokenizers prepend BOS and nothing else.
     bpe.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", ids["<s>"])]
@@ -113,20 +134,13 @@ def build_tiny_llava(path: Path, *, seed: int = 0) -> Path:
         model_max_length=512,
         padding_side="left",
     )
+    return bpe, tokenizer, ids
 
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token
-        chat_template=CHAT_TEMPLATE,
-    )
 
-    n_image_tokens = (IMAGE_SIZE // PATCH_SIZE) ** 2
+def tiny_towers(tokenizer: Any, ids: dict[str, int]) -> tuple[Any, Any]:
+    """The tiny CLIP vision config and Llama text config of LLaVA-1.5 and LLaVA-NeXT."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -151,37 +165,34 @@ def build_tiny_llava(path: Path, *, seed: int = 0) -> Path:
         initializer_range=INIT_STD,
         tie_word_embeddings=False,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=ids[IMAGE_TOKEN],
-        image_seq_length=n_image_tokens,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    return vision, text
+
+
+def save_tiny(model: Any, processor: Any, bpe: Any, ids: dict[str, int], path: Path, eos: str = "</s>") -> None:
+    """Peak the random model's end-of-text logit, keep its text printable, save model and processor to `path`."""
+    import torch
+    from transformers import GenerationConfig
+
+    model.eval()
     with torch.no_grad():
-        model.lm_head.weight[ids["</s>"]] *= EOS_GAIN
+        model.lm_head.weight[ids[eos]] *= EOS_GAIN
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<s>"],
-        eos_token_id=ids["</s>"],
+        eos_token_id=ids[eos],
         pad_token_id=ids["<pad>"],
         # Keep random captions readable ASCII words: no control bytes, no half UTF-8 sequences.
-        suppress_tokens=_unprintable_ids(bpe, exclude={ids["</s>"]}),
+        suppress_tokens=_unprintable_ids(bpe, special=set(ids), exclude={ids[eos]}),
     )
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    return path
 
 
-def _unprintable_ids(tokenizer: Any, exclude: set[int]) -> list[int]:
+def _unprintable_ids(tokenizer: Any, special: set[str], exclude: set[int]) -> list[int]:
     """Ids of special tokens and of tokens that decode to anything but printable ASCII (newline included)."""
     allowed = set(string.ascii_letters + string.digits + string.punctuation + " ")
     suppressed = []
     for i in range(tokenizer.get_vocab_size()):
-        special = tokenizer.id_to_token(i) in SPECIAL_TOKENS
         printable = set(tokenizer.decode([i], skip_special_tokens=False)) <= allowed
-        if i not in exclude and (special or not printable):
+        if i not in exclude and (tokenizer.id_to_token(i) in special or not printable):
             suppressed.append(i)
     return suppressed

@@ -2,7 +2,8 @@
 
 Same class and block types as SD's VAE, with 4 latent channels and 4 down blocks: diffusers downsamples
 between blocks (2 ** (blocks - 1)), so the latent is H/8 x W/8 as with the real VAE. Only the widths are tiny.
-Seeded: two builds are identical.
+Seeded: two builds are identical. `build_tiny_sdxl_vae` is the same architecture (SDXL's VAE is SD's, retrained)
+with SDXL's latent scale and its own weights, standing in for PixArt-Σ's `madebyollin/sdxl-vae-fp16-fix`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from pathlib import Path
 BLOCK_OUT_CHANNELS = (4, 8, 8, 8)  # SD: (128, 256, 512, 512)
 LATENT_CHANNELS = 4
 DOWNSAMPLE = 2 ** (len(BLOCK_OUT_CHANNELS) - 1)  # 8, like SD
+SD_SCALING_FACTOR, SDXL_SCALING_FACTOR = 0.18215, 0.13025
 
 
-def build_tiny_vae(path: Path, *, seed: int = 0) -> Path:
+def build_tiny_vae(path: Path, *, seed: int = 0, scaling_factor: float = SD_SCALING_FACTOR) -> Path:
     """Write a tiny random AutoencoderKL (config.json + safetensors) to `path` and return it."""
     import torch
     from diffusers import AutoencoderKL
@@ -32,6 +34,12 @@ def build_tiny_vae(path: Path, *, seed: int = 0) -> Path:
             latent_channels=LATENT_CHANNELS,
             norm_num_groups=4,  # must divide every block width
             sample_size=256,
+            scaling_factor=scaling_factor,
         ).eval()
     vae.save_pretrained(path)
     return path
+
+
+def build_tiny_sdxl_vae(path: Path, *, seed: int = 1) -> Path:
+    """A tiny random SDXL-shaped VAE: SD's architecture at SDXL's latent scale, other weights."""
+    return build_tiny_vae(path, seed=seed, scaling_factor=SDXL_SCALING_FACTOR)

@@ -14,6 +14,7 @@ from curation.shards import StageDir
 from curation.tiny.t5 import build_tiny_t5
 from curation.tiny.vae import build_tiny_vae
 from tests.features import make_caption_shards
+from tests.outputs import export_entries
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 ASPECT_RATIOS = json.loads((SHARED / "reference" / "pixart_aspect_ratios.json").read_text())
@@ -22,8 +23,7 @@ MAX_LENGTH = 16
 
 def pixart_entries(root: str, resolution: int, multiscale: bool):
     """PixArt's InternalData / InternalDataMS path logic: (entry, image, T5 npz, VAE npy, expected h x w)."""
-    meta = json.load(open(os.path.join(root, "partition_filter" if multiscale else "partition", "data_info.json")))
-    assert isinstance(meta, list)
+    meta = export_entries(os.path.join(root, "partition_filter" if multiscale else "partition"))
     vae_dir = (
         f"img_vae_fatures_{resolution}_multiscale/ms"
         if multiscale
@@ -62,7 +62,7 @@ def output(tmp_path_factory):
 
 
 @pytest.mark.parametrize("multiscale", [False, True])
-def test_every_index_entry_resolves_to_files_of_the_exact_shapes(tmp_path, output, multiscale):
+def test_every_index_entry_resolves_to_files_of_the_exact_shapes(tmp_path, output, ray_local, multiscale):
     out, outcomes = output
     root = tmp_path / "pixart" / "InternData"
     counts = export_pixart(str(out), root, 256, multiscale)
@@ -95,7 +95,7 @@ def test_every_index_entry_resolves_to_files_of_the_exact_shapes(tmp_path, outpu
     assert not (root / other).exists()
 
 
-def test_png_reencoding_and_reexport_are_clean(tmp_path, output):
+def test_png_reencoding_and_reexport_are_clean(tmp_path, output, ray_local):
     out, _ = output
     root = tmp_path / "InternData"
     first = export_pixart(str(out), root, 256, False, reencode_png=True)

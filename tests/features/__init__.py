@@ -89,3 +89,26 @@ def make_caption_shards(output: Path, n_ok: int = 6, per_shard: int = 5) -> dict
                     writer.add(sample.key, members)
             writer.commit(samples_to_table([s for s, _, _ in chunk]), {"stage": "captions", "config_hash": "x"})
     return {s.key: outcome for s, _, outcome in items}
+
+
+def make_named_set(output: Path, name: str, no_original: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Write OUT/captions-<name> beside `make_caption_shards`' shards, as `curation caption --name` does (text and
+    records only); keys in `no_original` are failed rows (reason no_original). Returns {key: caption} of the rest."""
+    captions, named = StageDir(str(output / "captions")), StageDir(str(output / f"captions-{name}"))
+    texts: dict[str, str] = {}
+    for shard in captions.done_shards():
+        rows = [Sample.from_dict(r) for r in captions.read_index(shard).to_pylist()]
+        with ShardWriter(named, shard) as writer:
+            for s in rows:
+                if s.status != "ok":
+                    continue
+                if s.key in no_original:
+                    s.fail("no_original", "prompt template needs {original}")
+                    continue
+                s.caption = f"{name} caption of {s.key}: a detailed scene with a red boat and two trees"
+                texts[s.key] = s.caption
+                writer.add(s.key, {"txt": s.caption.encode(), "json": s.to_json()})
+            writer.commit(
+                samples_to_table(rows), {"stage": f"captions-{name}", "lineage": f"{shard}-{sorted(no_original)}"}
+            )
+    return texts
