@@ -127,11 +127,16 @@ class StageDir:
 
 
 def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    """A whole parquet file through its plain reader, never `pq.read_table`'s dataset machinery: that one leaves
-    futures behind whose disposal at interpreter exit, after Ray's shutdown, aborted a finished run (SIGABRT in
-    libarrow_dataset), and it gains nothing on files this small."""
+    """A whole parquet file, decoded on the calling thread.
+
+    Read from a Python file object, the pages are Python-owned buffers. With Arrow's thread pool (`use_threads`, or
+    `pq.read_table`'s dataset), a pool thread may still be releasing such a buffer when the process exits; it then
+    needs the GIL of a finalizing interpreter, and the process aborts (SIGABRT) after a run that finished its work
+    (seen in CI: `PyBuffer::~PyBuffer` <- `SerializedPageReader` on an Arrow pool thread). These files are small:
+    one thread costs nothing.
+    """
     with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).read(columns=columns)
+        return pq.ParquetFile(f).read(columns=columns, use_threads=False)
 
 
 def config_hash(semantics: dict[str, Any]) -> str:

@@ -266,7 +266,7 @@ def _read_container(container: str, group: list[Member]) -> Iterator[tuple[Membe
     try:
         if group[0].column is not None:  # img2dataset's parquet output: the image is a binary cell
             with fs.open(path, "rb") as f:
-                column = pq.ParquetFile(f).read(columns=[group[0].column]).column(0)
+                column = pq.ParquetFile(f).read(columns=[group[0].column], use_threads=False).column(0)
             for m in group:
                 data = column[m.offset].as_py()
                 yield pending.pop(id(m)), data if data is not None else ValueError(f"row {m.offset} has no image")
