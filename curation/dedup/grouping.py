@@ -65,6 +65,8 @@ class BandIndex:
         """
         masks = flip_masks(BAND_WIDTHS[self.band], band_radius(threshold))
         queries = np.arange(len(self.hashes)) if queries is None else np.asarray(queries, dtype=np.int64)
+        # In band-value order, neighbouring queries probe neighbouring buckets: the lookups stay in cache.
+        queries = queries[np.argsort(self.values[queries], kind="stable")]
         found_i, found_j, found_d = [], [], []
         for start in range(0, len(queries), _QUERY_CHUNK):
             i, j, d = self._probe(queries[start : start + _QUERY_CHUNK], masks, threshold)
