@@ -399,22 +399,25 @@ def run_tasks(
     """Run `fn(*args)` for each (task id, args) as Ray tasks; returns {task id: result}.
 
     For work with nothing to load whose results are small (listings, key checks, ingest shards): Ray's own retry
-    serves (a task whose worker dies runs again; what it writes is atomic). An error raised by a task stops the run
-    in one line (naming the task as a shard with `shard_errors`).
+    serves (a task whose worker dies runs again; what it writes is atomic). An error raised by a task stops the
+    handing out of tasks; the ones in flight finish (a shard is never cut off between its files and its done
+    marker), then the run fails in one line (naming the task as a shard with `shard_errors`).
     """
     import ray
     from ray.exceptions import RayTaskError
     from tqdm import tqdm
 
     remote = ray.remote(num_cpus=1, max_retries=3)(fn)
-    limit = max_in_flight or len(tasks) or 1
+    # Twice the cluster's CPUs in flight: every CPU busy, and a failure stops the run within about one wave.
+    limit = max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     queue = deque(tasks)
     running: dict[Any, str] = {}
     results: dict[str, Any] = {}
+    failure: Exception | None = None
     bar = tqdm(total=len(tasks), desc=name, unit="task", disable=not progress, file=sys.stderr)
     try:
-        while queue or running:
-            while queue and len(running) < limit:
+        while running or (queue and failure is None):
+            while queue and failure is None and len(running) < limit:
                 task_id, args = queue.popleft()
                 running[remote.remote(*args)] = task_id
             # The first to finish, then whatever else has finished by now: no task waits on another's end.
@@ -426,11 +429,14 @@ def run_tasks(
                 try:
                     results[task_id] = ray.get(ref)
                 except RayTaskError as exc:
-                    raise _task_failure(name, task_id if shard_errors else None, exc) from None
+                    failure = failure or _task_failure(name, task_id if shard_errors else None, exc)
+                    continue
                 bar.update(1)
+        if failure is not None:
+            raise failure
     finally:
         bar.close()
-        for ref in running:
+        for ref in running:  # only when interrupted (Ctrl-C): nothing is left running otherwise
             ray.cancel(ref)
     return results
 
