@@ -98,7 +98,8 @@ def make_img2dataset(
         assert fmt == "parquet", fmt
         for row in rows:
             row["jpg"] = files[row["key"]]["jpg"] if row["key"] in files else None
-    pq.write_table(pa.Table.from_pylist(rows), root / f"{shard:05d}.parquet")
+    # img2dataset writes its parquet 100 rows at a time, so a shard's file holds many row groups: 2 here.
+    pq.write_table(pa.Table.from_pylist(rows), root / f"{shard:05d}.parquet", row_group_size=2)
     (root / f"{shard:05d}_stats.json").write_text(json.dumps({"count": len(rows), "successes": len(images)}))
     return root
 

@@ -54,8 +54,6 @@ class SourcePlan:
 
     def shards(self, shard_size: int) -> list[tuple[str, tuple[str, int, int]]]:
         """(shard name, (listing, start, stop)): `<unit>-000`, `<unit>-001`, ... in each unit's key order."""
-        if shard_size < 1:
-            raise SourceError("shard size must be at least 1")
         out = []
         for unit, listing, n in self.units:
             parts = math.ceil(n / shard_size)

@@ -19,6 +19,7 @@ from typing import Any
 
 import fsspec
 import fsspec.implementations.local
+import numpy as np
 import pyarrow.parquet as pq
 
 from curation.records import safe_key
@@ -265,10 +266,7 @@ def _read_container(container: str, group: list[Member]) -> Iterator[tuple[Membe
     pending = {id(m): m for m in group}
     try:
         if group[0].column is not None:  # img2dataset's parquet output: the image is a binary cell
-            with fs.open(path, "rb") as f:
-                column = pq.ParquetFile(f).read(columns=[group[0].column], use_threads=False).column(0)
-            for m in group:
-                data = column[m.offset].as_py()
+            for m, data in _parquet_cells(fs, path, group[0].column, group):
                 yield pending.pop(id(m)), data if data is not None else ValueError(f"row {m.offset} has no image")
         elif group[0].member is None:
             for m in group:
@@ -293,6 +291,23 @@ def _read_container(container: str, group: list[Member]) -> Iterator[tuple[Membe
         return
     for m in pending.values():
         yield m, FileNotFoundError(f"{m.member} not found in {container}")
+
+
+def _parquet_cells(fs, path: str, column: str, group: list[Member]) -> Iterator[tuple[Member, bytes | None]]:
+    """The cells of `column` at the members' rows, reading only the row groups that hold them: an output shard is
+    a slice of its source shard, and the column holds every image of it (img2dataset writes 100 rows a group)."""
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        rows = np.array([m.offset for m in group])
+        row_group = np.searchsorted(starts, rows, side="right") - 1
+        needed = np.unique(row_group).tolist()
+        # use_threads=False: see shards.read_parquet
+        cells = pf.read_row_groups(needed, columns=[column], use_threads=False).column(0)
+    sizes = [int(starts[g + 1] - starts[g]) for g in needed]
+    begins = dict(zip(needed, np.cumsum([0] + sizes[:-1]).tolist(), strict=True))  # a group's first cell in `cells`
+    for m, row, g in zip(group, rows.tolist(), row_group.tolist(), strict=True):
+        yield m, cells[begins[g] + row - int(starts[g])].as_py()
 
 
 def load_json(data: bytes) -> dict[str, Any]:

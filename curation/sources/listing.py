@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -151,7 +152,7 @@ def check_keys(listings: list[str], part: int, parts: int) -> int:
         mine = pa.array(table.column("bucket").to_numpy() % parts == part)
         chosen = table.column("key").filter(mine)
         keys.append(chosen)
-        origin.append(pa.array([i] * len(chosen), pa.int32()))
+        origin.append(pa.array(np.full(len(chosen), i, dtype=np.int32)))
     if not keys:
         return 0
     table = pa.table({"key": pa.chunked_array(keys, pa.string()), "origin": pa.chunked_array(origin, pa.int32())})
