@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--plan-only", action="store_true", help="phases 1-2 (listing, key check) without the shards")
     args = p.parse_args(argv)
 
-    from curation.ingest import LISTINGS, IngestConfig, run_ingest
+    from curation.ingest import IngestConfig, run_ingest
+    from curation.layout import Layout
     from curation.runner import ray_session, run_tasks
     from curation.sources import plan_source
 
@@ -123,13 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
             plan = plan_source(
                 args.source,
                 args.input,
-                f"{args.output.rstrip('/')}/{LISTINGS}",
+                Layout(args.output).listings,
                 lambda label, fn, tasks: run_tasks(label, fn, tasks, max_in_flight=args.workers, progress=False),
             )
         samples, shards = plan.samples, len(plan.shards(args.shard_size))
     else:
-        config = IngestConfig(args.source, args.input, shard_size=args.shard_size)
-        summary = run_ingest(args.output, config, workers=args.workers, progress=False)
+        config = IngestConfig(args.source, args.input, shard_size=args.shard_size, workers=args.workers)
+        summary = run_ingest(args.output, config, progress=False)
         samples, shards = summary.samples, summary.shards_total
     result = {
         "plan_only": args.plan_only,

@@ -9,32 +9,47 @@ Three phases, each run by Ray tasks, so the driver plans source shards and never
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import fsspec
 import fsspec.implementations.local
 
+from curation.errors import SourceError
 from curation.imaging import ImageDecodeError, header_size
+from curation.layout import Layout
 from curation.records import Sample, count_statuses, samples_to_table
-from curation.shards import ShardWriter, StageDir, config_hash, lineage
-from curation.sources import SourceError, plan_source
+from curation.shards import DoneMarker, ShardWriter, config_hash, lineage
+from curation.sources import SOURCES, plan_source
 from curation.sources.base import Member, SourceItem, load_json, read_members
 from curation.sources.listing import read_listing
 from curation.sources.sa1b import sa1b_meta
+from curation.stage import Pass, Resources, RunContext, Stage
 
-STAGE = "images"
-LISTINGS = "listings"
+if TYPE_CHECKING:
+    from curation.runner import StageRun
+
 # How the input is cut into shards; part of the config hash, so an output planned another way is refused, not mixed.
 PLAN_SCHEME = "source-shards/1"
 
 
 @dataclass(frozen=True)
 class IngestConfig:
-    source: str
-    input: str
-    shard_size: int = 1000
+    source: str = field(metadata={"help": "the input's layout", "choices": sorted(SOURCES)})
+    input: str = field(metadata={"help": "input folder, archive or fsspec URL"})
+    shard_size: int = field(default=1000, metadata={"help": "samples per output shard"})
+    workers: int | None = field(
+        default=None, metadata={"help": "tasks at once (default: one per CPU of the cluster)"}
+    )  # how fast, not what: not in semantics
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise SourceError("--shard-size must be at least 1")
 
     def semantics(self) -> dict:
         """What decides the output's content: a rerun with other values is refused (see runner)."""
@@ -43,21 +58,57 @@ class IngestConfig:
         return {"source": self.source, "input": where, "shard_size": self.shard_size, "plan": PLAN_SCHEME}
 
 
-class IngestStage:
-    """Pure CPU work; `setup` has nothing to load."""
+class IngestStage(Stage):
+    name = "ingest"
+    help = "a source layout -> images/ shards with sizes and aspect-ratio buckets"
+    config_type = IngestConfig
 
-    def __init__(self, output: str, config: IngestConfig) -> None:
-        self.stage_dir = StageDir(f"{output.rstrip('/')}/{STAGE}")
+    def check(self) -> None:
+        check_paths(self.config.input, self.layout.output)
+
+    def passes(self, ctx: RunContext) -> Iterator[Pass]:
+        """List and check the input's source shards (plain Ray tasks), then write one output shard per task."""
+        config = self.config
+        plan = plan_source(
+            config.source,
+            config.input,
+            self.layout.listings,
+            lambda label, fn, tasks: ctx.map(f"images {label}", fn, tasks),
+        )
+        self.skipped = plan.skipped
+        yield Pass(
+            label="images",
+            folder=self.layout.images,
+            make_worker=functools.partial(IngestWriter, self.layout, config),
+            tasks=plan.shards(config.shard_size),
+            semantics=config.semantics(),
+            resources=Resources(num_cpus=1, workers=config.workers, stateless=True),
+        )
+
+    def finish(self, summaries: list) -> list[str]:
+        # Input files that are no row, by reason, beside the rows' own tallies.
+        summaries[-1].tally({"by_skipped": dict(self.skipped)})
+        return []
+
+    def outputs(self) -> list[str]:
+        return [f"images: {self.layout.images.url}/"]
+
+
+class IngestWriter:
+    """Writes one output shard; pure CPU work, nothing to set up."""
+
+    def __init__(self, layout: Layout, config: IngestConfig) -> None:
+        self.stage_dir = layout.images
         self.config = config
 
     def setup(self) -> None:
         pass
 
-    def process(self, shard: str, listing_slice: tuple[str, int, int]) -> dict:
+    def process(self, shard: str, listing_slice: tuple[str, int, int]) -> DoneMarker:
         """One output shard from rows [start, stop) of a unit's listing."""
         return self.write(shard, read_listing(*listing_slice))
 
-    def write(self, shard: str, items: list[SourceItem]) -> dict:
+    def write(self, shard: str, items: list[SourceItem]) -> DoneMarker:
         wanted: list[Member] = []
         for item in items:
             wanted.extend(m for m in (item.image, item.caption, item.meta) if m is not None)
@@ -69,11 +120,10 @@ class IngestStage:
                 samples.append(sample)
                 if image is not None:
                     writer.add(sample.key, {sample.ext: image, "json": sample.to_json()})
-            done = {
-                "stage": STAGE,
-                **lineage(config_hash(self.config.semantics()), None),
-                **count_statuses(samples),
-            }
+            done = DoneMarker(
+                shard, stage="images", **lineage(config_hash(self.config.semantics()), None),
+                counts=count_statuses(samples),
+            )
             return writer.commit(samples_to_table(samples), done)
 
 
@@ -132,42 +182,11 @@ def _apply_sidecars(sample: Sample, item: SourceItem, data: dict[Member, bytes |
         sample.source_meta = json.dumps(meta, ensure_ascii=False, default=str)
 
 
-def run_ingest(
-    output: str,
-    config: IngestConfig,
-    *,
-    ray_address: str | None = None,
-    force: bool = False,
-    progress: bool = True,
-    workers: int | None = None,
-):
-    """Plan the input's source shards and ingest them on Ray; `workers` bounds the tasks and actors at once."""
-    from curation.runner import Resources, output_lock, ray_session, run_stage, run_tasks
+def run_ingest(output: str, config: IngestConfig, **kw) -> StageRun:
+    """`curation ingest` from Python: see `curation.runner.run` for the keywords."""
+    from curation.runner import run
 
-    check_paths(config.input, output)
-    if config.shard_size < 1:
-        raise SourceError("--shard-size must be at least 1")
-
-    def map_tasks(label, fn, tasks):
-        return run_tasks(f"{STAGE} {label}", fn, tasks, max_in_flight=workers, progress=progress)
-
-    with output_lock(output), ray_session(ray_address):
-        plan = plan_source(config.source, config.input, f"{output.rstrip('/')}/{LISTINGS}", map_tasks)
-        summary = run_stage(
-            output=output,
-            stage_dir=StageDir(f"{output.rstrip('/')}/{STAGE}"),
-            make_stage=lambda: IngestStage(output, config),
-            tasks=plan.shards(config.shard_size),
-            semantics=config.semantics(),
-            resources=Resources(num_cpus=1, workers=workers, stateless=True),
-            ray_address=ray_address,
-            force=force,
-            progress=progress,
-        )
-    skipped = summary.counts.setdefault("by_skipped", {})  # input files that are no row, by reason
-    for reason, n in plan.skipped.items():
-        skipped[reason] = skipped.get(reason, 0) + n
-    return summary
+    return run(IngestStage(Layout(output), config), **kw)
 
 
 def check_paths(input_url: str, output: str) -> None:

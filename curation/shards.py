@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +68,25 @@ class StageDir:
             n.removesuffix(".done.json") for n in names if n.endswith(".done.json") and not n.startswith(TMP_PREFIX)
         )
 
-    def read_done(self, shard: str) -> dict[str, Any]:
+    def read_done(self, shard: str) -> DoneMarker:
         with self.fs.open(self.path(f"{shard}.done.json"), "rb") as f:
-            return json.load(f)
+            return DoneMarker.from_json(json.load(f))
 
-    def read_dones(self, shards: list[str]) -> dict[str, dict[str, Any]]:
+    def has_done(self, shard: str) -> bool:
+        return self.fs.exists(self.path(f"{shard}.done.json"))
+
+    def read_dones(self, shards: list[str]) -> dict[str, DoneMarker]:
         """Many done markers at once: object stores fetch them concurrently (11k shards: seconds, not minutes)."""
         if not shards:
             return {}
         paths = {self.path(f"{s}.done.json"): s for s in shards}
         raw = self.fs.cat(list(paths))
-        return {paths[self.fs._strip_protocol(p)]: json.loads(data) for p, data in raw.items()}
+        return {paths[self.fs._strip_protocol(p)]: DoneMarker.from_json(json.loads(data)) for p, data in raw.items()}
+
+    def write_done(self, done: DoneMarker) -> DoneMarker:
+        """Publish a done marker alone (a shard whose other files were written atomically before it)."""
+        write_json_atomic(f"{self.url.rstrip('/')}/{done.shard}.done.json", done.to_json())
+        return done
 
     def read_index(self, shard: str) -> pa.Table:
         return read_parquet(self.fs, self.path(f"{shard}.parquet"))
@@ -139,24 +147,63 @@ def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | 
         return pq.ParquetFile(f).read(columns=columns, use_threads=False)
 
 
-def config_hash(semantics: dict[str, Any]) -> str:
-    """Hash of what decides a stage's output; kept in each done marker so a changed config is caught on rerun."""
-    return hashlib.sha256(json.dumps(semantics, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# Fields a done marker always means the same thing by; everything else a stage adds is kept in `extra`.
+_CORE = ("shard", "stage", "rows", "config_hash", "input_lineage", "lineage", "seconds")
 
 
-def lineage(chash: str, input_done: dict[str, Any] | None) -> dict[str, str]:
-    """Done-marker fields that tie a shard to what it was made from.
+@dataclass
+class DoneMarker:
+    """`<shard>.done.json`: written last, so a shard without one does not exist.
 
-    `lineage` hashes this shard's config with its input shard's lineage, so it changes whenever anything upstream
-    was redone differently (another model, another --shard-size); a downstream shard whose `input_lineage` no
-    longer matches its input's `lineage` is out of date and is redone.
+    `counts` holds the `by_*` tallies (by_status, by_reason, by_skipped, ...): the run summary totals them.
+    `lineage` hashes this shard's config with its input's lineage; a downstream shard whose `input_lineage` no
+    longer matches is redone. `complete` is False for a composite shard that lacks a part (a feature sidecar).
     """
-    upstream = input_done.get("lineage", "") if input_done else ""
+
+    shard: str
+    stage: str | None = None
+    rows: int = 0
+    config_hash: str | None = None
+    input_lineage: str | None = None
+    lineage: str | None = None
+    seconds: float | None = None
+    complete: bool = True
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(self, k) for k in _CORE if getattr(self, k) is not None}
+        if not self.complete:
+            out["complete"] = False
+        return {**out, **self.counts, **self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DoneMarker:
+        core = {k: data[k] for k in _CORE if k in data}
+        counts = {k: v for k, v in data.items() if k.startswith("by_") and isinstance(v, dict)}
+        extra = {k: v for k, v in data.items() if k not in core and k not in counts and k != "complete"}
+        return cls(**core, complete=data.get("complete", True), counts=counts, extra=extra)
+
+    @property
+    def upstream(self) -> str:
+        """This shard's lineage as a later stage sees it ("" when the stage keeps none)."""
+        return self.lineage or ""
+
+
+def lineage(chash: str, input_lineage: str | None) -> dict[str, str]:
+    """DoneMarker fields that tie a shard to its config and to what it was made from (`input_lineage`)."""
+    upstream = input_lineage or ""
     return {
         "config_hash": chash,
         "input_lineage": upstream,
         "lineage": config_hash({"config": chash, "input": upstream}),
     }
+
+
+
+def config_hash(semantics: dict[str, Any]) -> str:
+    """Hash of what decides a stage's output; kept in each done marker so a changed config is caught on rerun."""
+    return hashlib.sha256(json.dumps(semantics, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -206,17 +253,12 @@ class ShardWriter:
         except OSError as exc:
             raise _write_error(self.stage.path(f"{self.shard}.tar"), exc) from exc
 
-    def commit(self, index: pa.Table, done: dict[str, Any]) -> dict[str, Any]:
+    def commit(self, index: pa.Table, done: DoneMarker) -> DoneMarker:
         """Publish the shard: tar, then parquet index, then the done marker (last, so it marks completeness)."""
         index_buf = io.BytesIO()
         pq.write_table(index, index_buf, compression="zstd")
-        done = {
-            "shard": self.shard,
-            "members": len(self._keys),
-            "rows": index.num_rows,
-            "seconds": round(time.time() - self._started, 3),
-            **done,
-        }
+        done.shard, done.rows, done.seconds = self.shard, index.num_rows, round(time.time() - self._started, 3)
+        done.extra["members"] = len(self._keys)
         names = [f"{self.shard}.tar", f"{self.shard}.parquet", f"{self.shard}.done.json"]
         published: list[str] = []
         current = names[0]
@@ -230,7 +272,7 @@ class ShardWriter:
             self._publish_bytes(index_buf.getvalue(), names[1])
             published.append(names[1])
             current = names[2]
-            self._publish_bytes(json.dumps(done, indent=1, sort_keys=True).encode(), names[2])
+            self._publish_bytes(json.dumps(done.to_json(), indent=1, sort_keys=True).encode(), names[2])
             self._sync_folder()
         except OSError as exc:
             for name in reversed(published):  # leave no half shard behind: a tar without its index is noise

@@ -63,28 +63,28 @@ class SourcePlan:
         return out
 
 
-def plan_source(name: str, input_url: str, work_url: str, map_tasks: MapTasks) -> SourcePlan:
+def plan_source(name: str, input_url: str, listings: Callable[[str], str], map_tasks: MapTasks) -> SourcePlan:
+    """Plan the input's source shards; `listings(part)` is where the plan's files go (`Layout.listings`)."""
     if name not in SOURCES:
         raise SourceError(f"unknown source {name!r}; choose from {sorted(SOURCES)}")
     layout = SOURCES[name]
-    work_url = work_url.rstrip("/")
-    dirs = scan_input(input_url, f"{work_url}/scan", map_tasks)
+    dirs = scan_input(input_url, listings("scan"), map_tasks)
     if name == "journeydb":
-        units, skipped = layout.plan(dirs, input_url, f"{work_url}/annotations")
+        units, skipped = layout.plan(dirs, input_url, listings("annotations"))
         files = journeydb.annotation_files(dirs)
         lines = map_tasks(
-            "annotations", journeydb.split_annotations, [("annotations", (files, f"{work_url}/annotations"))]
+            "annotations", journeydb.split_annotations, [("annotations", (files, listings("annotations")))]
         )
         claimed = {u.annotations for u in units}
         skipped["not_downloaded"] += sum(n for part, n in lines["annotations"].items() if part not in claimed)
     else:
         units, skipped = layout.plan(dirs, input_url)
     units = _unique_ids(units)
-    listings = {u.id: f"{work_url}/units/{u.id}.parquet" for u in units}
-    listed = map_tasks("listing", list_unit, [(u.id, (name, u, listings[u.id])) for u in units])
+    files = {u.id: f"{listings('units')}/{u.id}.parquet" for u in units}
+    listed = map_tasks("listing", list_unit, [(u.id, (name, u, files[u.id])) for u in units])
     for result in listed.values():
         skipped.update(result["skipped"])
-    plan = SourcePlan([(u, listings[u.id], listed[u.id]["items"]) for u in units], +skipped)
+    plan = SourcePlan([(u, files[u.id], listed[u.id]["items"]) for u in units], +skipped)
     if plan.samples == 0:
         found = ", ".join(f"{k}={v}" for k, v in sorted(plan.skipped.items()))
         raise SourceError(

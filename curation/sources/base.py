@@ -22,6 +22,7 @@ import fsspec.implementations.local
 import numpy as np
 import pyarrow.parquet as pq
 
+from curation.errors import SourceError
 from curation.records import safe_key
 from curation.shards import read_parquet
 
@@ -35,11 +36,6 @@ ANNOTATION_SUFFIXES = (".jsonl", ".jsonl.tgz", ".jsonl.tar.gz", ".jsonl.gz")
 CONTAINER_SUFFIXES = (*ANNOTATION_SUFFIXES, *ARCHIVE_SUFFIXES, ".parquet")
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_\-]+")  # webdataset splits a member name at its first dot
-
-
-class SourceError(ValueError):
-    """The input cannot be read as the layout it claims (wrong --source, unsafe or duplicate members, no
-    annotations): one line naming the problem and the fix."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@ import tarfile
 
 import pytest
 
+from curation.layout import Layout
 from curation.sources import list_source, local_map, plan_source
 from curation.sources.base import SourceError
 from curation.sources.listing import read_listing
@@ -167,7 +168,7 @@ def test_journeydb_without_annotations_names_the_folder_source(tmp_path, coco_fi
 
 def test_journeydb_annotation_tgz_and_a_partial_download(tmp_path, coco_files):
     root = make_journeydb(tmp_path, coco_files[:2], missing=1, annotations="jsonl.tgz", absent={"001": 3, "002": 2})
-    plan = plan_source("journeydb", str(root), str(tmp_path / "listings"), local_map)
+    plan = plan_source("journeydb", str(root), Layout(str(tmp_path)).listings, local_map)
     items = {i.key: i for _, listing, _ in plan.units for i in read_listing(listing)}
     # Archives 001 and 002 were never downloaded: 5 annotations counted, not 5 failed rows.
     assert plan.skipped == {"not_downloaded": 5}
@@ -191,7 +192,7 @@ def test_folder_decides_by_content_and_counts_every_other_file(tmp_path, coco_fi
     (tmp_path / "notes.txt").write_text("no image of that name")
     (tmp_path / "README.md").write_text("# not an image")
     (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
-    plan = plan_source("folder", str(tmp_path), str(tmp_path.parent / "listings"), local_map)
+    plan = plan_source("folder", str(tmp_path), Layout(str(tmp_path.parent)).listings, local_map)
     items = {i.key: i for _, listing, _ in plan.units for i in read_listing(listing)}
     assert {k: i.ext for k, i in items.items()} == {"stereo": "mpo", "moving": "apng", "IMG_0001": "jpg"}
     assert items["IMG_0001"].caption is not None
@@ -242,10 +243,10 @@ def test_a_listing_is_kept_while_its_files_are_unchanged(tmp_path, coco_files):
     make_sa1b(src / "a", coco_files[:2], first_id=1)
     make_sa1b(src / "b", coco_files[2:4], first_id=10)
     work = tmp_path / "listings"
-    plan_source("sa1b", str(src), str(work), local_map)
+    plan_source("sa1b", str(src), Layout(str(tmp_path)).listings, local_map)
     listings = {p.name: p.stat().st_mtime_ns for p in (work / "units").iterdir()}
     make_sa1b(src / "b", coco_files[2:5], first_id=10)  # b's tar rewritten with one more image
-    again = plan_source("sa1b", str(src), str(work), local_map)
+    again = plan_source("sa1b", str(src), Layout(str(tmp_path)).listings, local_map)
     assert (work / "units" / "a__sa_000000.parquet").stat().st_mtime_ns == listings["a__sa_000000.parquet"]
     assert (work / "units" / "b__sa_000000.parquet").stat().st_mtime_ns != listings["b__sa_000000.parquet"]
     assert {u.id: n for u, _, n in again.units} == {"a__sa_000000": 2, "b__sa_000000": 3}

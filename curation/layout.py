@@ -1,0 +1,137 @@
+"""Where everything lives in an output folder: the one place that builds output paths.
+
+    OUT/images/                 ingest: original bytes, sizes, aspect-ratio buckets
+    OUT/listings/{scan,units,annotations}/   ingest's plan: the input listed per source shard
+    OUT/dedup/                  dedup: keep flags;  dedup/hashes/, dedup/edges/ its passes; dedup/summary.json
+    OUT/captions/               the default caption set;  OUT/captions-NAME/ another set
+    OUT/stats/                  noun-count partials of captions/;  OUT/stats-NAME/ of captions-NAME/
+    OUT/features/<sidecar>/     t5, t5-<field>-<L>, vae512, vae512ms, vae512-<tag> ...
+    OUT/report/                 index.html, table1.md, duplicates.html ...
+    OUT/logs/<pass>/<shard>.json  one JSON line per shard run (see `curation.runner.logs`)
+    OUT/run_config.json         the resolved config of each stage's latest run
+    OUT/.curation.lock          one run per output at a time
+
+Every folder of shards holds `<shard>.tar`, `<shard>.parquet` and `<shard>.done.json` (see `curation.shards`).
+A user-chosen name (a caption set, a VAE tag) only ever fills the NAME part of `captions-NAME`, `stats-NAME` or a
+sidecar name, and the names above are reserved, so no choice can land on another stage's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from curation.errors import ConfigError
+from curation.shards import StageDir
+
+DEFAULT_SET = "default"  # the caption set in `captions/`
+ORIGINAL = "original"  # the samples' own captions (alt-text, prompts): a field wherever a set name is taken
+_NAME = re.compile(r"[a-z0-9_]+")
+# Folder names of the layout, and the field names that a set name is read as (`--field caption`, Σ's index fields).
+RESERVED = frozenset(
+    {ORIGINAL, "caption", "captions", "images", "dedup", "stats", "report", "features", "listings", "logs",
+     "hashes", "edges", "summary", "run_config", "t5", "vae", "prompt", "sharegpt4v"}
+)  # fmt: skip
+
+
+def check_set_name(name: str) -> str:
+    """The name, when it can name a caption set; ConfigError (one line) otherwise."""
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"caption set name {name!r} must match [a-z0-9_]+")
+    if name in RESERVED:
+        raise ConfigError(f"caption set name {name!r} is reserved (taken by the output layout or a field)")
+    return name
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The folders and files of one output (a local folder or any fsspec URL)."""
+
+    output: str
+
+    @property
+    def root(self) -> str:
+        return self.output.rstrip("/")
+
+    @property
+    def name(self) -> str:
+        """The output folder's own name (the dataset's default name in reports)."""
+        return os.path.basename(self.root) or "dataset"
+
+    def url(self, *parts: str) -> str:
+        return "/".join((self.root, *parts))
+
+    # -- stage folders ----------------------------------------------------------------------------------------
+    @property
+    def images(self) -> StageDir:
+        return StageDir(self.url("images"))
+
+    def listings(self, part: str) -> str:
+        """Ingest's plan: `scan`, `units` or `annotations`."""
+        return self.url("listings", part)
+
+    @property
+    def dedup(self) -> StageDir:
+        return StageDir(self.url("dedup"))
+
+    @property
+    def dedup_hashes(self) -> StageDir:
+        return StageDir(self.url("dedup", "hashes"))
+
+    @property
+    def dedup_edges(self) -> StageDir:
+        return StageDir(self.url("dedup", "edges"))
+
+    @property
+    def dedup_summary(self) -> str:
+        return self.url("dedup", "summary.json")
+
+    @staticmethod
+    def captions_folder(caption_set: str) -> str:
+        """`captions` for the default set, `captions-NAME` for another."""
+        return "captions" if check_set_name(caption_set) == DEFAULT_SET else f"captions-{caption_set}"
+
+    def captions(self, caption_set: str = DEFAULT_SET) -> StageDir:
+        return StageDir(self.url(self.captions_folder(caption_set)))
+
+    def caption_sets(self) -> list[str]:
+        """The caption sets with at least one done shard, the default set first."""
+        found = [DEFAULT_SET] if self.captions().done_shards() else []
+        base = StageDir(self.root)
+        if base.fs.exists(base.root):
+            for path in sorted(base.fs.ls(base.root, detail=False)):
+                folder = path.rstrip("/").rsplit("/", 1)[-1]
+                name = folder.removeprefix("captions-")
+                if folder.startswith("captions-") and _NAME.fullmatch(name) and name not in RESERVED:
+                    if self.captions(name).done_shards():
+                        found.append(name)
+        return found
+
+    def stats(self, caption_set: str = DEFAULT_SET) -> StageDir:
+        """Noun-count partials of a caption set (the default set's also count the originals)."""
+        return StageDir(self.url("stats" if check_set_name(caption_set) == DEFAULT_SET else f"stats-{caption_set}"))
+
+    @property
+    def features(self) -> str:
+        return self.url("features")
+
+    def sidecar(self, name: str) -> StageDir:
+        """One feature sidecar folder (`t5`, `vae512ms`, ...): names come from `curation.features`."""
+        return StageDir(self.url("features", name))
+
+    def report(self, file: str = "") -> str:
+        return self.url("report", file) if file else self.url("report")
+
+    # -- bookkeeping -----------------------------------------------------------------------------------------
+    def logs(self, label: str) -> str:
+        """Per-shard log records of one pass (`images`, `dedup/hashes`, `features`)."""
+        return self.url("logs", *label.split("/"))
+
+    @property
+    def run_config(self) -> str:
+        return self.url("run_config.json")
+
+    @property
+    def lock_file(self) -> str:
+        return ".curation.lock"

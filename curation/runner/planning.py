@@ -1,0 +1,56 @@
+"""Which shards of a pass to (re)do: no done marker, another config (refused unless --force), or an input that was
+redone since (lineage); and, with --force, which shards of an older plan to remove."""
+
+from __future__ import annotations
+
+from curation.errors import SetupError
+from curation.stage import ShardFolder
+
+
+def pending_shards(
+    folder: ShardFolder,
+    shards: list[str],
+    chash: str,
+    force: bool,
+    upstream: dict[str, str] | None = None,
+) -> list[str]:
+    """Shards to (re)do: no done marker, made from an input that was redone since, or (composites) incomplete.
+
+    A done shard made with another config is refused unless `force`: a rerun must not silently mix configs.
+    """
+    done = set(folder.done_shards())
+    # Every done shard, planned or not: an output made by an older plan (other shard names) is refused too.
+    markers = folder.read_dones(sorted(done))
+    changed = sorted(s for s, marker in markers.items() if marker.config_hash != chash)
+    if changed and not force:
+        raise SetupError(
+            f"{folder.url} holds {len(changed)} shard(s) made with a different configuration "
+            f"(e.g. {changed[0]}); use a new output folder, or --force to redo them with the new one"
+        )
+    outdated = {
+        s
+        for s, marker in markers.items()
+        if (upstream is not None and marker.input_lineage != upstream.get(s)) or not marker.complete
+    }
+    redo = set(changed) | outdated
+    return [s for s in shards if s not in done or s in redo]
+
+
+def drop_stale_shards(folder: ShardFolder, shards: list[str], chash: str) -> list[str]:
+    """With --force: remove done shards of another config that the new plan does not redo.
+
+    A smaller shard count (a larger --shard-size) leaves the old plan's last shards behind; kept, their keys would
+    appear twice in the stage, once in a redone shard and once in the stale one.
+    """
+    planned = set(shards)
+    outside = [s for s in folder.done_shards() if s not in planned]
+    stale = [s for s, marker in folder.read_dones(outside).items() if marker.config_hash != chash]
+    for shard in stale:
+        folder.remove_shard(shard)
+    return stale
+
+
+def drop_orphans(folder: ShardFolder, shards: list[str]) -> None:
+    """Shards whose input no longer exists (its keys now live in other shards): removed."""
+    for orphan in sorted(set(folder.done_shards()) - set(shards)):
+        folder.remove_shard(orphan)

@@ -1,0 +1,203 @@
+"""The stage contract: what a stage declares, and what the runner does with it without knowing which stage it is.
+
+A `Stage` (one module each, listed in `curation.registry`) has a name (its CLI command), a config dataclass (the
+CLI's flags are generated from its fields) and plans its work as one or more `Pass`es. A pass is a set of named
+tasks over one folder of shards: its `Worker` is built once per Ray worker (`setup()` loads models) and
+`process(shard, payload)` writes one shard and returns its `DoneMarker`. The runner skips done shards, refuses a
+changed config unless `--force`, redoes shards whose input was redone, and totals the markers.
+
+A stage with several passes (ingest: list, check keys, write; dedup: hash, pair, group) yields them one at a time,
+so each pass is planned from what the previous one wrote; between passes it may map plain Ray tasks through the
+`RunContext`. A stage that marks samples to leave out (dedup's keep flag) declares a `SampleFilter`; every stage
+reads its input through `InputView`, which applies all registered filters, so a new filter needs no edit elsewhere.
+
+Config dataclasses describe their CLI: every field becomes `--field-name` (underscores to dashes) with
+`metadata={"help": "...", ...}`; optional keys: "choices" (a list), "aliases" (older flag names still accepted),
+"nargs": "+" (a tuple field given as several values; other tuple fields take one comma-separated value), and
+"cli": False (not an option: set by code). A field holding a nested config dataclass contributes that
+dataclass's fields. Defaults live only in the dataclass.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from curation.layout import Layout
+from curation.records import OK, Sample
+from curation.shards import DoneMarker, StageDir, lineage  # noqa: F401  (part of the contract)
+
+class Worker(Protocol):
+    """One per Ray worker: `setup()` once (load models), then `process()` per shard."""
+
+    def setup(self) -> None: ...
+
+    def process(self, shard: str, payload: Any) -> DoneMarker: ...
+
+
+class ShardFolder(Protocol):
+    """What the runner reads of a pass's output: a `StageDir`, or a composite of several (feature sidecars)."""
+
+    url: str
+
+    def done_shards(self) -> list[str]: ...
+
+    def read_dones(self, shards: list[str]) -> dict[str, DoneMarker]: ...
+
+    def remove_shard(self, shard: str) -> None: ...
+
+    def remove_stale_temporaries(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """A pass's input as lineage: {shard: the lineage its output must be made from}."""
+
+    def lineages(self, shards: list[str]) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker needs."""
+
+    num_cpus: float = 1
+    num_gpus: float = 0
+    gpu_optional: bool = False  # model stages: run on CPU workers when the cluster has no GPU (laptops, CI)
+    workers: int | None = None  # default: as many as the cluster's resources allow
+    stateless: bool = False  # nothing to load: Ray tasks on warm pooled workers, no actor to start
+
+    @classmethod
+    def for_device(cls, device: str, workers: int | None = None) -> Resources:
+        """A model stage's workers: one GPU each ("auto": CPU workers where the cluster has no GPU)."""
+        return cls(num_gpus=0 if device == "cpu" else 1, gpu_optional=device == "auto", workers=workers)
+
+
+@dataclass
+class Pass:
+    """One set of shard tasks writing one folder; the runner's unit of planning."""
+
+    label: str  # "images", "dedup/hashes", "captions-dense": summary lines, logs, run_config.json
+    folder: ShardFolder
+    make_worker: Callable[[], Worker]  # picklable: it runs on the Ray worker
+    tasks: list[tuple[str, Any]]  # (shard, payload)
+    semantics: dict[str, Any]  # what decides the output: its hash is in every done marker
+    resources: Resources = field(default_factory=Resources)
+    upstream: Upstream | None = None  # redo a shard whose input's lineage changed; drop shards with no input
+
+
+class RunContext(Protocol):
+    """What the runner offers a stage while it plans its passes."""
+
+    force: bool
+    progress: bool
+
+    def map(self, label: str, fn: Callable[..., Any], tasks: list[tuple[str, tuple]], **kw: Any) -> dict[str, Any]:
+        """Run `fn(*args)` as plain Ray tasks (listings, key checks): {task id: result}."""
+        ...
+
+
+class Stage(ABC):
+    """A stage of the pipeline: one module, one line in `curation.registry`."""
+
+    name: ClassVar[str]  # CLI command and registry key
+    help: ClassVar[str]  # one line for `curation --help`
+    config_type: ClassVar[type]  # a frozen dataclass; each field with `metadata={"help": ...}` becomes a flag
+    sample_filter: ClassVar[type[SampleFilter] | None] = None  # a keep flag later stages apply
+
+    def __init__(self, layout: Layout, config: Any) -> None:
+        self.layout, self.config = layout, config
+
+    def check(self) -> None:  # noqa: B027 (optional hook)
+        """Refuse what cannot work before the output is locked (a missing input): raise a CurationError."""
+
+    @abstractmethod
+    def passes(self, ctx: RunContext) -> Iterator[Pass]:
+        """The passes, one at a time: the runner runs each before asking for the next."""
+
+    def finish(self, summaries: list[Any]) -> list[str]:
+        """After the passes, under the lock: write reports; returns lines for the run summary."""
+        return []
+
+    def outputs(self) -> list[str]:
+        """Where the results are, for the last lines the CLI prints."""
+        return []
+
+
+class SampleFilter(ABC):
+    """Samples a stage marks to leave out, seen by every later stage through `InputView`.
+
+    Later stages turn a removed sample into a `skipped` row with this filter's reason, and fold the filter's
+    outcome into their input's lineage, so redoing the filter redoes exactly the shards whose removals changed.
+    """
+
+    reason: ClassVar[str]  # the skipped rows' error_reason
+    keep_option: ClassVar[str]  # a config field that, when true, processes the removed samples too
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    @abstractmethod
+    def active(self) -> bool:
+        """Whether this output has the filter's results at all."""
+
+    @abstractmethod
+    def lineage(self, shard: str, input_lineage: str) -> str:
+        """The input shard's lineage with this filter's outcome for the shard folded in."""
+
+    @abstractmethod
+    def removed(self, shard: str) -> dict[str, str]:
+        """{key: why (one line)} for the shard's samples this filter leaves out."""
+
+
+def sample_filters(layout: Layout, config: Any) -> list[SampleFilter]:
+    """The registered filters that apply to a stage with `config` on this output."""
+    from curation.registry import stage_classes
+
+    found = []
+    for stage in stage_classes():
+        kind = stage.sample_filter
+        if kind is None or getattr(config, kind.keep_option, False):
+            continue
+        f = kind(layout)
+        if f.active():
+            found.append(f)
+    return found
+
+
+class InputView:
+    """A stage's input folder with every applicable `SampleFilter` applied (an `Upstream` for the runner)."""
+
+    def __init__(self, layout: Layout, folder: StageDir, config: Any) -> None:
+        self.folder = folder
+        self.filters = sample_filters(layout, config)
+
+    def read_done(self, shard: str) -> DoneMarker:
+        """The input shard's done marker, its lineage folded with each filter's outcome."""
+        done = self.folder.read_done(shard)
+        for f in self.filters:
+            done.lineage = f.lineage(shard, done.upstream)
+        return done
+
+    def lineages(self, shards: list[str]) -> dict[str, str]:
+        if not self.filters:
+            return {s: m.upstream for s, m in self.folder.read_dones(shards).items()}
+        return {s: self.read_done(s).upstream for s in shards}
+
+    def removed(self, shard: str) -> dict[str, tuple[str, str]]:
+        """{key: (reason, detail)} of the samples left out of the shard."""
+        out: dict[str, tuple[str, str]] = {}
+        for f in self.filters:
+            for key, why in f.removed(shard).items():
+                out.setdefault(key, (f.reason, why))
+        return out
+
+    def skip(self, shard: str, samples: Iterable[Sample]) -> int:
+        """Turn the sound samples the filters leave out into skipped rows; returns how many."""
+        removed = self.removed(shard)
+        n = 0
+        for s in samples:
+            if s.status == OK and s.key in removed:
+                s.skip(*removed[s.key])
+                n += 1
+        return n
