@@ -1,4 +1,4 @@
-"""Caption front end on the CPU with the tiny random LLaVA: the whole `CaptionStage.process` vs model-only.
+"""Caption front end on the CPU with the tiny random LLaVA: the whole `CaptionWorker.process` vs model-only.
 
 Run: .venv/bin/python bench/bench_caption_cpu.py [--n 64] [--batch-size 8] [--decode-threads 2]
 The tiny model makes the model part cheap, so this measures the stage's overheads around it (tar read, JPEG
@@ -6,7 +6,7 @@ decode, the processor's preprocessing and tokenisation, shard write), not LLaVA-
 
   generate only   model.generate on tensors the processor already made: what the model thread cannot avoid
   model only      Captioner.caption on decoded images: processor + generate + text decode, one after the other
-  stage           CaptionStage.process on an images/ shard of the same JPEGs: decode and processor run in the
+  stage           CaptionWorker.process on an images/ shard of the same JPEGs: decode and processor run in the
                   prefetch threads ahead of the model; ratio = stage / model-only (goal >= 0.9)
   processor 336   Captioner.prepare with llava-1.5's 336 px image processor, per image: the CPU work that ran on
                   the model's thread before it moved to the prefetch threads (an H200 spends ~37 ms per image)
@@ -23,8 +23,9 @@ import torch
 from gpu_caption import COCO, build_processor, write_images_shard  # this folder: the GPU bench's helpers
 
 from curation.caption.model import CaptionConfig, Captioner
-from curation.caption.stage import CaptionStage, CaptionStageConfig
+from curation.caption.stage import CaptionStageConfig, CaptionWorker
 from curation.imaging import decode_image
+from curation.layout import Layout
 from curation.tiny.llava import build_tiny_llava
 
 
@@ -67,13 +68,15 @@ def main() -> None:
         model_s = time.perf_counter() - t0
 
         shard = write_images_shard(tmp / "out", blobs)
-        stage = CaptionStage(str(tmp / "out"), CaptionStageConfig(model=config, decode_threads=args.decode_threads))
+        stage = CaptionWorker(
+            Layout(str(tmp / "out")), CaptionStageConfig(model=config, decode_threads=args.decode_threads)
+        )
         stage.captioner = captioner  # the loaded model, handed in: setup() then only records provenance
         stage.setup()
         t0 = time.perf_counter()
         done = stage.process(shard)
         stage_s = time.perf_counter() - t0
-        assert sum(done["by_caption_status"].values()) == args.n, done
+        assert sum(done.counts["by_caption_status"].values()) == args.n, done
 
         real = Captioner.from_loaded(config, captioner.model, build_processor(tmp / "llava-336"))
         photos = [decode_image(b, target_size=real.input_size) for b in blobs]

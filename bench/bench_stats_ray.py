@@ -72,7 +72,7 @@ def main() -> None:
             out = Path(tmp) / f"w{workers}"
             write_shards(out, paragraphs, args.shards)
             with ray_session(None, num_cpus=workers):
-                run_stats(str(out), StatsConfig(fields=("caption",)), progress=False)
+                run_stats(str(out), StatsConfig(field="caption"), progress=False)
             # The map phase, from the first shard's start to the last shard's end: actor start-up (Ray, NLTK
             # load) and the report are fixed costs that do not scale and are left out.
             stage = StageDir(f"{out}/stats")

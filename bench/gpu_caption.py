@@ -16,7 +16,7 @@ and patch 14, so every prompt carries 576 image tokens as llava-1.5's does. Each
   captioner           Captioner.caption (processor + generate + text decode) per batch and cache_implementation;
                       static lines carry `identical_to_dynamic`, the share of their captions equal to the
                       dynamic-cache path's on the same images
-  model_only, stage   Captioner.caption on decoded images vs CaptionStage.process on an images/ shard of COCO JPEGs
+  model_only, stage   Captioner.caption on decoded images vs CaptionWorker.process on an images/ shard of COCO JPEGs
                       (tar read, threaded decode and processor, model, shard write); `ratio` = stage / model-only
   <what>_failed       a configuration that did not run (out of memory...), with the reason
 
@@ -40,10 +40,11 @@ from typing import Any
 import torch
 
 from curation.caption.model import CaptionConfig, Captioner
-from curation.caption.stage import CaptionStage, CaptionStageConfig
+from curation.caption.stage import CaptionStageConfig, CaptionWorker
 from curation.imaging import decode_image, header_size
+from curation.layout import Layout
 from curation.records import Sample, count_statuses, samples_to_table
-from curation.shards import ShardWriter, StageDir, config_hash, lineage
+from curation.shards import DoneMarker, ShardWriter, StageDir, config_hash, lineage
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared does not travel to a device machine: the photos go there copied into bench/.data (see device_run.sh).
@@ -211,7 +212,9 @@ def write_images_shard(out: Path, blobs: list[bytes]) -> str:
             sample.set_size(*header_size(blob))
             samples.append(sample)
             writer.add(sample.key, {"jpg": blob, "json": sample.to_json()})
-        done = {"stage": "images", **lineage(config_hash({"bench": len(blobs)}), None), **count_statuses(samples)}
+        done = DoneMarker(
+            shard, stage="images", **lineage(config_hash({"bench": len(blobs)}), None), counts=count_statuses(samples)
+        )
         writer.commit(samples_to_table(samples), done)
     return shard
 
@@ -365,16 +368,16 @@ def main() -> None:
 
                 out = tmp / "out"
                 shard = write_images_shard(out, blobs[:n])
-                stage = CaptionStage(str(out), CaptionStageConfig(model=config))
+                stage = CaptionWorker(Layout(str(out)), CaptionStageConfig(model=config))
                 stage.captioner = cap  # the loaded model, handed in: setup() then only records provenance
                 stage.setup()
                 t0 = time.perf_counter()
                 done = stage.process(shard)
                 dev.sync()
                 stage_s = time.perf_counter() - t0
-                captioned = sum(done["by_caption_status"].values())
-                if captioned != n or done["by_status"] != {"ok": n}:
-                    raise RuntimeError(f"stage captioned {captioned} of {n}: {done['by_status']}")
+                captioned = sum(done.counts["by_caption_status"].values())
+                if captioned != n or done.counts["by_status"] != {"ok": n}:
+                    raise RuntimeError(f"stage captioned {captioned} of {n}: {done.counts['by_status']}")
                 return dict(
                     s=round(stage_s, 2),
                     images_per_s=round(n / stage_s, 2),

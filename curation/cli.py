@@ -1,231 +1,373 @@
-"""`curation <stage> ...`: a thin CLI over the stage modules. Every stage is resumable: rerun the same command."""
+"""`curation <stage> ...`: one command per stage of `curation.registry`, its flags generated from the stage's config
+dataclass (see `curation.stage` for the field metadata). Every stage is resumable: rerun the same command.
+
+    curation <stage> --output OUT [config flags] [--force] [--ray-address ADDR] [--no-progress]
+    curation run --output OUT [every in-run stage's flags, as --<stage>-<flag> or unique ones bare] [--no-<stage>]
+    curation logs --output OUT [--stage LABEL]
+    curation make-tiny-models FOLDER
+
+Nothing here names a stage (but the legacy flag table below): a new stage is its module and one registry line.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
+import logging
+import os
+import pathlib
 import sys
+import types
+import typing
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from curation.caption.model import DEFAULT_PROMPT
-from curation.caption.stage import DEFAULT_MODEL
-from curation.features.stage import DEFAULT_T5, DEFAULT_VAE
-from curation.runner import SetupError
-from curation.sources import SOURCES, SourceError
+from curation import registry
+from curation.errors import ConfigError, CurationError
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+MISSING = dataclasses.MISSING
+# Flags every stage command (and `run`) has; a config field may not take these names.
+COMMON = ("--output", "--ray-address", "--force", "--no-progress", "--help", "--verbose")
+# OSErrors on these paths (the output, a stage's input, export's --to, stats' --captions) are the user's to fix.
+USER_PATH_FIELDS = ("input", "to", "captions")
+# `curation run` flags of older releases that the generated names do not cover: {old flag: generated flag}.
+# An entry whose target no longer exists is ignored. (--caption-model, --caption-batch-size, --dedup-threshold and
+# --no-dedup are generated: caption's --model and --batch-size, dedup's --threshold, dedup's skip flag.)
+LEGACY_RUN_FLAGS = {
+    "--feature-device": "--features-device",  # features' --device
+    "--field": "--features-field",  # the text features encode (stats has a --field too, so no bare one is made)
+}
 
 
-def command(name: str):
-    def register(fn):
-        COMMANDS[name] = fn
-        return fn
+# -- options from config dataclasses ---------------------------------------------------------------------------
+@dataclass
+class Option:
+    """One config field as a flag."""
 
-    return register
+    path: str  # the field's dotted path in the config: "model.batch_size" (nested configs contribute their fields)
+    names: tuple[str, ...]  # the flag without dashes, then its aliases: ("device", "feature-device")
+    kwargs: dict[str, Any]  # argparse keywords (type, action, choices, nargs, metavar, help)
+    required: bool
+    negatable: bool = False  # BooleanOptionalAction: --no-<name> too
+    convert: Callable[[Any], Any] = lambda v: v  # parsed value -> field value (nargs lists -> tuples)
+
+    def strings(self, name: str) -> list[str]:
+        """The option strings argparse makes of one name."""
+        return [f"--{name}", f"--no-{name}"] if self.negatable else [f"--{name}"]
+
+
+def config_options(config_type: type) -> list[Option]:
+    """The flags of a config dataclass, nested config dataclasses included, in field order."""
+    options = _options(config_type, (), None)
+    seen: dict[str, str] = {}
+    for o in options:
+        for name in o.names:
+            if name in seen:
+                raise TypeError(f"{config_type.__name__}: fields {seen[name]} and {o.path} both make --{name}")
+            seen[name] = o.path
+    return options
+
+
+def _options(config_type: type, path: tuple[str, ...], defaults: Any) -> list[Option]:
+    try:
+        hints = typing.get_type_hints(config_type)
+    except Exception as exc:  # a type only imported under TYPE_CHECKING: the stage's config cannot make flags
+        raise TypeError(f"{config_type.__name__}: cannot resolve its field types for the CLI: {exc}") from exc
+    out: list[Option] = []
+    for f in dataclasses.fields(config_type):
+        if not f.init or f.metadata.get("cli", True) is False:
+            continue
+        tp, _ = _strip_optional(hints[f.name])
+        default = _default(f, defaults)
+        if dataclasses.is_dataclass(tp):
+            out += _options(tp, (*path, f.name), None if default is MISSING else default)
+        else:
+            out.append(_option(config_type, f, tp, ".".join((*path, f.name)), default))
+    return out
+
+
+def _default(f: dataclasses.Field, defaults: Any) -> Any:
+    """The field's default: from the enclosing field's default instance if any, else from the dataclass."""
+    if defaults is not None:
+        return getattr(defaults, f.name)
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _option(config_type: type, f: dataclasses.Field, tp: Any, path: str, default: Any) -> Option:
+    meta = f.metadata
+    name = f.name.replace("_", "-")
+    aliases = tuple(str(a).lstrip("-").replace("_", "-") for a in meta.get("aliases", ()))
+    choices = list(meta["choices"]) if meta.get("choices") is not None else None
+    kwargs: dict[str, Any] = {"metavar": f.name.upper()}
+    negatable, convert = False, (lambda v: v)
+    where = f"{config_type.__name__}.{f.name}"
+    shown = default
+    if tp is bool:
+        kwargs.pop("metavar")
+        if default is False:
+            kwargs["action"], shown = "store_true", MISSING
+        else:
+            kwargs["action"], negatable = argparse.BooleanOptionalAction, True
+            shown = "on" if default is True else MISSING
+    elif tp is tuple or typing.get_origin(tp) is tuple:
+        elem = _element_type(tp, where)
+        if meta.get("nargs") == "+":
+            kwargs.update(nargs="+", type=_scalar(elem, where), choices=choices)
+            convert = tuple
+            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        else:
+            kwargs.update(type=_comma_separated(_scalar(elem, where), choices))
+            if choices:
+                kwargs["metavar"] = "{" + ",".join(map(str, choices)) + "},..."
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    elif typing.get_origin(tp) is typing.Literal:
+        values = typing.get_args(tp)
+        kwargs.update(type=type(values[0]), choices=choices or list(values))
+    else:
+        kwargs.update(type=_scalar(tp, where), choices=choices)
+    if kwargs.get("choices") is None:
+        kwargs.pop("choices", None)
+    elif "nargs" in kwargs or kwargs.get("metavar") == f.name.upper():
+        kwargs.pop("metavar", None)  # argparse shows {a,b,c}
+    text = str(meta.get("help", ""))
+    if kwargs.get("type") is not None and kwargs["type"].__name__.startswith("comma-separated") and "comma" not in text:
+        text = f"{text} (comma-separated)".strip()
+    if shown is not MISSING and shown is not None and shown != "" and shown != () and "(default" not in text:
+        text = f"{text} (default: {shown})".strip()
+    kwargs["help"] = text.replace("%", "%%")
+    return Option(path, (name, *aliases), kwargs, default is MISSING, negatable, convert)
+
+
+def _element_type(tp: Any, where: str) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+    if not args:
+        return str
+    if len(set(args)) != 1:
+        raise TypeError(f"{where}: a tuple of mixed types has no CLI form; mark it metadata cli: False")
+    return args[0]
+
+
+def _scalar(tp: Any, where: str) -> Callable[[str], Any]:
+    if tp in (str, int, float, pathlib.Path):
+        return tp
+    raise TypeError(f"{where}: type {tp!r} has no CLI form; mark it metadata cli: False")
+
+
+def _comma_separated(elem: Callable[[str], Any], choices: list | None) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        values = tuple(elem(part.strip()) for part in text.split(",") if part.strip())
+        bad = [v for v in values if choices is not None and v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"invalid choice: {bad[0]!r} (choose from {', '.join(map(str, choices))})")
+        return values
+
+    parse.__name__ = f"comma-separated {getattr(elem, '__name__', 'value')} list"  # argparse's "invalid ... value"
+    return parse
+
+
+def make_config(config_type: type, given: dict[str, Any], base: Any = None) -> Any:
+    """`config_type` from {dotted field path: value}; fields not given keep the dataclass's defaults.
+
+    A nested config field is built from its own given fields over the enclosing field's default (so a field the
+    inner dataclass requires may come from the outer default, as caption's model id does).
+    """
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(config_type)
+    for f in dataclasses.fields(config_type):
+        if not f.init:
+            continue
+        tp, _ = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            sub = {k.partition(".")[2]: v for k, v in given.items() if k.partition(".")[0] == f.name}
+            inner = getattr(base, f.name) if base is not None else _default(f, None)
+            if sub or inner is MISSING:
+                kwargs[f.name] = make_config(tp, sub, None if inner is MISSING else inner)
+        elif f.name in given:
+            kwargs[f.name] = given[f.name]
+    return dataclasses.replace(base, **kwargs) if base is not None else config_type(**kwargs)
+
+
+# -- the parser ------------------------------------------------------------------------------------------------
+def _stages() -> list[tuple[type, bool]]:
+    """(stage class, part of `curation run`), in pipeline order."""
+    return [(registry.stage_class(path), in_run) for path, in_run in registry.STAGES]
+
+
+def _dest(stage: str, path: str) -> str:
+    return f"{stage}.{path}"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="output folder or fsspec URL (s3://bucket/prefix)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address; default: an embedded local Ray")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: an embedded local Ray)")
     p.add_argument("--force", action="store_true", help="redo shards that were made with a different config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _verbose(p, argparse.SUPPRESS)
+
+
+def _verbose(p: argparse.ArgumentParser, default: Any = False) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log one JSON record per shard")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="curation", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("ingest", help="a source layout -> images/ shards with sizes and aspect-ratio buckets")
-    _common(p)
-    p.add_argument("--source", required=True, choices=sorted(SOURCES))
-    p.add_argument("--input", required=True, help="input folder, archive or fsspec URL")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per output shard (default 1000)")
-    p.add_argument("--workers", type=int, default=None, help="tasks at once (default: one per CPU of the cluster)")
-    p = sub.add_parser("dedup", help="images/ -> dedup/: exact and near-duplicate groups, one kept member each")
-    _common(p)
-    p.add_argument("--threshold", type=int, default=8, help="pHash Hamming distance counted as duplicate (default 8)")
-
-    p = sub.add_parser("caption", help="images/ -> captions/ with LLaVA (the PixArt-alpha prompt by default)")
-    _common(p)
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
-    p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="str.format template; {original} is the original caption")
-    p.add_argument("--name", default="default", help="caption set [a-z0-9_]+ (default: captions/, else captions-NAME/)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 8 on the CPU, what fits on a GPU")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--min-new-tokens", type=int, default=0)
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="seed for --do-sample")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU, or per CPU without)")
-    p.add_argument("--decode-threads", type=int, default=None, help="CPU decode threads per actor")
-    _include_duplicates(p)
-
-    p = sub.add_parser("stats", help="concept density (PixArt-alpha Table 1) of caption shards or a caption corpus")
-    p.add_argument("--output", required=True, help="the run's output (reads captions/), or where a corpus report goes")
-    p.add_argument("--field", choices=["caption", "original", "both"], default="both")
-    p.add_argument("--captions", default=None, help="a caption corpus instead: JSONL or parquet, one caption per image")
-    p.add_argument("--name", default=None, help="dataset name in the table")
-    p.add_argument("--column", default="caption", help="the corpus's caption field or column")
-    p.add_argument("--valid-threshold", type=int, default=10, help="valid nouns appear more than this many times")
-    p.add_argument(
-        "--compare", nargs="+", default=(), metavar="OTHER", help="other outputs (stats run) or caption corpora"
+    stages = _stages()
+    parser = argparse.ArgumentParser(
+        prog="curation",
+        description="Curate text-to-image training data: each stage is resumable (rerun the same command). "
+        "`curation <command> --help` lists a command's flags.",
     )
-    _include_duplicates(p)
-    p.add_argument("--ray-address", default=None)
-    p.add_argument("--no-progress", action="store_true")
+    _verbose(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cls, _ in stages:
+        if cls.name in ("run", "logs", "make-tiny-models"):
+            raise TypeError(f"{cls.__name__}: stage name {cls.name!r} is taken by a built-in command")
+        p = sub.add_parser(cls.name, help=cls.help, description=cls.help)
+        _common(p)
+        for o in config_options(cls.config_type):
+            p.add_argument(
+                *(f"--{n}" for n in o.names), dest=_dest(cls.name, o.path), default=argparse.SUPPRESS,
+                required=o.required, **o.kwargs,
+            )  # fmt: skip
+        p.set_defaults(handler=functools.partial(_stage_command, cls))
+    _run_parser(sub, [cls for cls, in_run in stages if in_run])
 
-    p = sub.add_parser("features", help="captions/ -> T5 text features and VAE latents in sidecar shards")
-    _common(p)
-    _feature_args(p)
-    _include_duplicates(p)
-
-    p = sub.add_parser("export-pixart", help="feature shards -> PixArt-alpha's or Sigma's InternData/InternImgs layout")
-    p.add_argument("--output", required=True, help="the run's output folder")
-    p.add_argument("--to", required=True, help="the InternData folder to write (its path must name InternData once)")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--multiscale", action="store_true", help="export the multi-scale (bucketed) latents")
-    p.add_argument("--format", choices=["alpha", "sigma"], default="alpha", help="PixArt-alpha or PixArt-Sigma layout")
-    p.add_argument("--prompt-field", default="original", help="Sigma: the `prompt` caption (original or a set name)")
-    p.add_argument("--sharegpt4v-field", default="default", help="Sigma: the `sharegpt4v` caption (a set name)")
-    p.add_argument("--vae-tag", default=None, help="read the VAE sidecars vae512-TAG (e.g. sdxl for Sigma)")
-    p.add_argument("--ray-address", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    _include_duplicates(p)
-
-    p = sub.add_parser("run", help="ingest -> dedup -> caption -> stats -> features in one go, each stage resumable")
-    _common(p)
-    p.add_argument("--source", required=True, choices=sorted(SOURCES))
-    p.add_argument("--input", required=True)
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--caption-model", default=DEFAULT_MODEL, help=f"LLaVA Hub id or folder (default {DEFAULT_MODEL})")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--caption-batch-size", type=int, default=None, help="default: 8 on the CPU, what fits on a GPU")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--no-dedup", action="store_true", help="no dedup pass before captioning")
-    p.add_argument("--dedup-threshold", type=int, default=8, help="pHash Hamming distance counted as duplicate")
-    _feature_args(p)
+    p = sub.add_parser("logs", help="the output's per-shard log records, one JSON line each")
+    p.add_argument("--output", required=True, help="the run's output folder or URL")
+    p.add_argument("--stage", default=None, metavar="LABEL", help="one pass only (images, captions, dedup/hashes ...)")
+    _verbose(p, argparse.SUPPRESS)
+    p.set_defaults(handler=_logs)
 
     p = sub.add_parser("make-tiny-models", help="build tiny random LLaVA, T5 and VAE checkpoints (tests, demo)")
     p.add_argument("folder")
+    _verbose(p, argparse.SUPPRESS)
+    p.set_defaults(handler=_make_tiny_models)
     return parser
 
 
-def _include_duplicates(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--include-duplicates", action="store_true", help="also process the samples dedup removes (default: skip them)"
+def run_option_strings(in_run: list[type]) -> dict[tuple[str, str], list[str]]:
+    """{(stage, field path): its `run` option strings}: `--<stage>-<flag>` always; the bare `--<flag>` (and its
+    aliases) too where no other in-run stage has that name and it clashes with nothing; and `LEGACY_RUN_FLAGS`."""
+    options = {cls.name: config_options(cls.config_type) for cls in in_run}
+    taken = {*COMMON, *(f"--no-{cls.name}" for cls in in_run[1:])}
+    for stage, opts in options.items():
+        for o in opts:
+            taken.update(o.strings(f"{stage}-{o.names[0]}"))
+    bare = Counter(s for opts in options.values() for o in opts for n in o.names for s in o.strings(n))
+    plan: dict[tuple[str, str], list[str]] = {}
+    for stage, opts in options.items():
+        for o in opts:
+            unique = [n for n in o.names if all(bare[s] == 1 and s not in taken for s in o.strings(n))]
+            plan[(stage, o.path)] = [f"--{stage}-{o.names[0]}", *(f"--{n}" for n in unique)]
+    generated = {s for strings in plan.values() for s in strings}
+    for old, new in LEGACY_RUN_FLAGS.items():
+        for strings in plan.values():
+            if new in strings and old not in generated and old not in taken:
+                strings.append(old)
+    return plan
+
+
+def _run_parser(sub: argparse._SubParsersAction, in_run: list[type]) -> None:
+    order = " -> ".join(cls.name for cls in in_run)
+    p = sub.add_parser(
+        "run",
+        help=f"{order} in one go, each stage resumable",
+        description=f"{order} on one Ray session, each stage resumable. Every stage's flags are here as "
+        "--<stage>-<flag>, and bare (--<flag>) where only one stage has that flag.",
     )
+    _common(p)
+    for cls in in_run[1:]:
+        p.add_argument(f"--no-{cls.name}", dest=f"skip.{cls.name}", action="store_true", help=f"leave {cls.name} out")
+    plan = run_option_strings(in_run)
+    for cls in in_run:
+        group = p.add_argument_group(f"{cls.name}: {cls.help}")
+        for o in config_options(cls.config_type):
+            # Required fields are checked after parsing: a skipped stage needs none of its own.
+            group.add_argument(
+                *plan[(cls.name, o.path)], dest=_dest(cls.name, o.path), default=argparse.SUPPRESS, **o.kwargs
+            )
+    p.set_defaults(handler=_run)
 
 
-def _feature_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--t5", default=DEFAULT_T5, help=f"T5 encoder Hub id or folder (default {DEFAULT_T5})")
-    p.add_argument("--max-length", type=int, default=120, help="T5 tokens (120 for PixArt-alpha, 300 for Sigma)")
-    p.add_argument("--vae", default=DEFAULT_VAE, help=f"AutoencoderKL Hub id or folder (default {DEFAULT_VAE})")
-    p.add_argument("--resolutions", default="256,512,1024", help="comma-separated bucket bases")
-    p.add_argument("--multiscale", action="store_true", help="latents at each image's aspect-ratio bucket")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="T5 feature storage")
-    p.add_argument(
-        "--field", default="caption", help="text to encode: caption (the default set), original, or a set name"
-    )
-    p.add_argument("--vae-tag", default=None, help="names the VAE sidecars vae512-TAG (e.g. sdxl for Sigma's VAE)")
-    p.add_argument("--feature-device", default="auto", choices=["auto", "cuda", "cpu"])
+# -- configs from parsed arguments -----------------------------------------------------------------------------
+def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """{stage name: its config} of a parsed stage command or `run` (skipped stages left out), without running."""
+    if args.command == "run":
+        classes = [cls for cls, in_run in _stages() if in_run and not getattr(args, f"skip.{cls.name}", False)]
+    else:
+        classes = [registry.get(args.command)]
+    values = vars(args)
+    configs = {}
+    for cls in classes:
+        given, missing = {}, []
+        for o in config_options(cls.config_type):
+            dest = _dest(cls.name, o.path)
+            if dest in values:
+                given[o.path] = o.convert(values[dest])
+            elif o.required:
+                missing.append(f"--{o.names[0]}")
+        if missing:  # only `run` gets here: argparse checks a stage command's own required flags
+            raise ConfigError(f"the following arguments are required for {cls.name}: {', '.join(missing)}")
+        configs[cls.name] = make_config(cls.config_type, given)
+    return configs
 
 
-def _features_config(args: argparse.Namespace):
-    from curation.features.stage import FeaturesConfig
+# -- commands --------------------------------------------------------------------------------------------------
+def _stage_command(cls: type, args: argparse.Namespace) -> int:
+    from curation.layout import Layout
+    from curation.runner import run
 
-    return FeaturesConfig(
-        t5=args.t5,
-        vae=args.vae,
-        max_length=args.max_length,
-        resolutions=tuple(int(r) for r in args.resolutions.split(",") if r.strip()),
-        multiscale=args.multiscale,
-        dtype=args.dtype,
-        field=args.field,
-        vae_tag=args.vae_tag,
-        device=args.feature_device,
-        include_duplicates=getattr(args, "include_duplicates", False),
-    )
-
-
-@command("features")
-def _features(args: argparse.Namespace) -> int:
-    from curation.features.stage import run_features
-
-    summary = run_features(
-        args.output,
-        _features_config(args),
-        ray_address=args.ray_address,
-        force=args.force,
-        progress=not args.no_progress,
-    )
-    _print_summary(summary)
-    print(f"features: {args.output.rstrip('/')}/features/")
+    stage = cls(Layout(args.output), configs_from_args(args)[cls.name])
+    result = run(stage, ray_address=args.ray_address, force=args.force, progress=not args.no_progress)
+    _print(result.lines())
+    _print(stage.outputs())
     return 0
 
 
-@command("export-pixart")
-def _export_pixart(args: argparse.Namespace) -> int:
-    from curation.export.pixart import export_pixart, index_dir
-
-    counts = export_pixart(
-        args.output,
-        args.to,
-        args.resolution,
-        args.multiscale,
-        format=args.format,
-        prompt_field=args.prompt_field,
-        sharegpt4v_field=args.sharegpt4v_field,
-        vae_tag=args.vae_tag,
-        include_duplicates=args.include_duplicates,
-        ray_address=args.ray_address,
-        progress=not args.no_progress,
-    )
-    print("[export-pixart] " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    index = index_dir(args.multiscale, args.format)
-    print(f"PixArt InternData: {args.to} (index: one JSON file per shard in {index}/, pass them all as the list)")
-    return 0
-
-
-@command("run")
 def _run(args: argparse.Namespace) -> int:
-    from curation.caption.model import CaptionConfig
-    from curation.caption.stage import CaptionStageConfig
-    from curation.dedup.stage import DedupConfig
-    from curation.ingest import IngestConfig
     from curation.pipeline import run_pipeline
-    from curation.stats.stage import StatsConfig
 
-    caption = CaptionStageConfig(
-        model=CaptionConfig(
-            model=args.caption_model,
-            prompt=args.prompt,
-            batch_size=args.caption_batch_size,
-            max_new_tokens=args.max_new_tokens,
-        )
-    )
-    summaries, report = run_pipeline(
+    configs = configs_from_args(args)
+    skip = [cls.name for cls, in_run in _stages() if in_run and cls.name not in configs]
+    done = run_pipeline(
         args.output,
-        IngestConfig(source=args.source, input=args.input, shard_size=args.shard_size),
-        caption,
-        StatsConfig(),
-        _features_config(args),
+        configs,
         ray_address=args.ray_address,
         force=args.force,
         progress=not args.no_progress,
-        dedup=None if args.no_dedup else DedupConfig(threshold=args.dedup_threshold),
+        skip=skip,
+        on_stage=lambda stage, result: _print(result.lines()),
     )
-    for summary in summaries:
-        _print_summary(summary)
-    print(f"output: {args.output}\nreport: {report}")
+    print(f"output: {args.output}")
+    for stage, _ in done:
+        _print(stage.outputs())
     return 0
 
 
-@command("make-tiny-models")
+def _logs(args: argparse.Namespace) -> int:
+    from curation.layout import Layout
+    from curation.runner import read_logs
+
+    for record in read_logs(Layout(args.output), args.stage):
+        print(json.dumps(record, sort_keys=True))
+    return 0
+
+
 def _make_tiny_models(args: argparse.Namespace) -> int:
     from curation.tiny import make_tiny_models
 
@@ -234,124 +376,65 @@ def _make_tiny_models(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("caption")
-def _caption(args: argparse.Namespace) -> int:
-    from curation.caption.model import CaptionConfig
-    from curation.caption.stage import CaptionStageConfig, run_caption
-
-    model = CaptionConfig(
-        model=args.model,
-        revision=args.revision,
-        prompt=args.prompt,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        device=args.device,
-    )
-    config = CaptionStageConfig(
-        model=model, workers=args.workers, include_duplicates=args.include_duplicates, name=args.name
-    )
-    if args.decode_threads:
-        config = dataclasses.replace(config, decode_threads=args.decode_threads)
-    summary = run_caption(
-        args.output, config, ray_address=args.ray_address, force=args.force, progress=not args.no_progress
-    )
-    _print_summary(summary)
-    print(f"captions: {args.output.rstrip('/')}/{config.folder}/")
-    return 0
-
-
-@command("stats")
-def _stats(args: argparse.Namespace) -> int:
-    from curation.stats.stage import StatsConfig, run_corpus_stats, run_stats
-
-    if args.captions:
-        name = args.name or args.captions.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
-        html = run_corpus_stats(
-            args.captions,
-            name,
-            args.output,
-            column=args.column,
-            valid_threshold=args.valid_threshold,
-            compare=tuple(args.compare),
-        )
-    else:
-        fields = ("caption", "original") if args.field == "both" else (args.field,)
-        config = StatsConfig(
-            fields=fields,
-            valid_threshold=args.valid_threshold,
-            name=args.name,
-            include_duplicates=args.include_duplicates,
-            compare=tuple(args.compare),
-        )
-        summary, html = run_stats(args.output, config, ray_address=args.ray_address, progress=not args.no_progress)
-        _print_summary(summary)
-    report = str(html).rsplit("/", 1)[0]
-    print(open_table(report))
-    print(f"report: {html}")
-    return 0
-
-
-def open_table(report_dir: str) -> str:
-    import fsspec
-
-    with fsspec.open(f"{report_dir}/table1.md", "rt", encoding="utf-8") as fh:
-        return fh.read()
-
-
-@command("dedup")
-def _dedup(args: argparse.Namespace) -> int:
-    from curation.dedup.stage import DedupConfig, run_dedup
-
-    result = run_dedup(
-        args.output,
-        DedupConfig(threshold=args.threshold),
-        ray_address=args.ray_address,
-        force=args.force,
-        progress=not args.no_progress,
-    )
-    _print_summary(result)
-    print(f"dedup: {args.output.rstrip('/')}/dedup/\nreport: {args.output.rstrip('/')}/report/duplicates.html")
-    return 0
-
-
-@command("ingest")
-def _ingest(args: argparse.Namespace) -> int:
-    from curation.ingest import IngestConfig, run_ingest
-
-    config = IngestConfig(source=args.source, input=args.input, shard_size=args.shard_size)
-    summary = run_ingest(
-        args.output,
-        config,
-        ray_address=args.ray_address,
-        force=args.force,
-        progress=not args.no_progress,
-        workers=args.workers,
-    )
-    _print_summary(summary)
-    print(f"images: {args.output.rstrip('/')}/images/")
-    return 0
-
-
-def _print_summary(summary) -> None:
-    for line in summary.lines():
+def _print(lines: list[str]) -> None:
+    for line in lines:
         print(line)
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+def user_paths(args: argparse.Namespace) -> list[str]:
+    """The paths the user named: --output, and any stage's input/to/captions field."""
+    paths = [args.output] if getattr(args, "output", None) else []
+    for dest, value in vars(args).items():
+        field = dest.rpartition(".")[2]
+        if "." in dest and field in USER_PATH_FIELDS and isinstance(value, str | os.PathLike):
+            paths.append(os.fspath(value))
+    return paths
+
+
+def is_user_path_error(exc: OSError, paths: list[str]) -> bool:
+    """An OSError on one of the user's paths (or our shard writer's, which names the shard in its message)."""
+    from curation.shards import ShardWriteError
+
+    names = [os.fspath(n) for n in (exc.filename, exc.filename2) if n is not None]
+    if not names:
+        return isinstance(exc, ShardWriteError)
+    return any(_under(str(n), p) for n in names for p in paths)
+
+
+def _under(name: str, path: str) -> bool:
+    def norm(p: str) -> str:
+        p = p.split("://", 1)[1] if "://" in p else os.path.realpath(os.path.abspath(p))
+        return p.rstrip("/") or "/"
+
+    name, path = norm(name), norm(path)
+    return name == path or name.startswith(path.rstrip("/") + "/")
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("curation").setLevel(level)  # also when the caller had configured logging already
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
     try:
-        return COMMANDS[args.command](args)
-    except (SetupError, SourceError, FileNotFoundError, ValueError) as exc:
-        # Setup problems are the user's to fix: one clear line, no traceback dump.
-        print(f"curation {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return args.handler(args)
+    except CurationError as exc:
+        return _fail(args, exc)
+    except OSError as exc:
+        if not is_user_path_error(exc, user_paths(args)):
+            raise  # not the user's path: a bug or the environment's, keep the traceback
+        return _fail(args, exc)
+
+
+def _fail(args: argparse.Namespace, exc: BaseException) -> int:
+    """A problem the user fixes: one line, exit 2."""
+    message = " ".join(str(exc).split("\n")) or type(exc).__name__
+    print(f"curation {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

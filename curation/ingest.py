@@ -10,7 +10,6 @@ Three phases, each run by Ray tasks, so the driver plans source shards and never
 from __future__ import annotations
 
 import functools
-
 import json
 import os
 from collections.abc import Iterator
@@ -121,7 +120,9 @@ class IngestWriter:
                 if image is not None:
                     writer.add(sample.key, {sample.ext: image, "json": sample.to_json()})
             done = DoneMarker(
-                shard, stage="images", **lineage(config_hash(self.config.semantics()), None),
+                shard,
+                stage="images",
+                **lineage(config_hash(self.config.semantics()), None),
                 counts=count_statuses(samples),
             )
             return writer.commit(samples_to_table(samples), done)

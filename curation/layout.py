@@ -120,6 +120,11 @@ class Layout:
         """One feature sidecar folder (`t5`, `vae512ms`, ...): names come from `curation.features`."""
         return StageDir(self.url("features", name))
 
+    def stage_folder(self, stage_name: str) -> StageDir:
+        """The folder of a stage that keeps one folder named after itself (stage names contain a dash or are in
+        RESERVED, so no caption set can take one)."""
+        return StageDir(self.url(stage_name))
+
     def report(self, file: str = "") -> str:
         return self.url("report", file) if file else self.url("report")
 

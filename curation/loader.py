@@ -3,6 +3,7 @@
 Standalone on purpose (torch, numpy and the standard library only): copy it into a trainer. Local shards.
 
     ds = FeatureDataset("OUT/features", vae="vae512ms", captions="OUT/captions")
+    ds = FeatureDataset.from_output("OUT", vae="vae512ms", caption_set="default")   # the same, with curation
     loader = DataLoader(ds, batch_sampler=AspectRatioBatchSampler(ds.buckets, batch_size=32), num_workers=8)
 
 An item, as PixArt's InternalData(MS) gives it: `latent` (C, h/8, w/8) = mean + std * eps with a fresh
@@ -11,7 +12,7 @@ multi-scale; R, R for single scale) and `aspect_ratio` (the bucket's h/w; 1.0 fo
 `caption` when caption shards are given. The index holds only tar offsets: members are read by seek.
 
 Any caption set's features: `t5` names its T5 sidecar (`t5`, `t5-<set>-<L>`, `t5-original-300`; see
-curation/features/stage.py). With `second_t5`, each read draws `t5` with probability `real_prompt_ratio`, else
+curation/features/text.py). With `second_t5`, each read draws `t5` with probability `real_prompt_ratio`, else
 `second_t5`, as PixArt-Σ draws `prompt` or `sharegpt4v` (`text_source` says which); the draw uses the `random`
 module, which PyTorch seeds per DataLoader worker.
 """
@@ -23,7 +24,7 @@ import json
 import os
 import random
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +78,50 @@ class FeatureDataset(Dataset):
         second_t5: str | None = None,
         real_prompt_ratio: float = 1.0,
     ) -> None:
+        root = Path(features)
+        self._load(lambda name: root / name, vae, t5, captions, max_ratio, second_t5, real_prompt_ratio)
+
+    @classmethod
+    def from_output(
+        cls,
+        output: str | os.PathLike[str],
+        vae: str,
+        *,
+        t5: str = "t5",
+        caption_set: str | None = None,
+        max_ratio: float | None = 4.0,
+        second_t5: str | None = None,
+        real_prompt_ratio: float = 1.0,
+    ) -> FeatureDataset:
+        """The sidecars of a curation output folder (local), found through `curation.layout.Layout`; with
+        `caption_set` ("default" or a set's name), each item's caption from that set too. Needs curation installed."""
+        from curation.layout import Layout
+
+        layout = Layout(os.fspath(output))
+        captions = layout.captions(caption_set).url if caption_set is not None else None
+        self = cls.__new__(cls)
+        self._load(lambda name: layout.sidecar(name).url, vae, t5, captions, max_ratio, second_t5, real_prompt_ratio)
+        return self
+
+    def _load(
+        self,
+        sidecar: Callable[[str], str | os.PathLike[str]],
+        vae: str,
+        t5: str,
+        captions: str | os.PathLike[str] | None,
+        max_ratio: float | None,
+        second_t5: str | None,
+        real_prompt_ratio: float,
+    ) -> None:
+        """Index the done shards; `sidecar(name)` is the folder of a sidecar."""
         if not 0.0 <= real_prompt_ratio <= 1.0:
             raise ValueError("real_prompt_ratio must be within [0, 1]")
-        root = Path(features)
-        t5_dir, vae_dir = root / t5, root / vae
+        t5_dir, vae_dir = Path(sidecar(t5)), Path(sidecar(vae))
+        second_dir = Path(sidecar(second_t5)) if second_t5 is not None else None
         self.t5_name, self.second_t5, self.real_prompt_ratio = t5, second_t5, real_prompt_ratio
         shards = _done_shards(t5_dir) & _done_shards(vae_dir)
-        if second_t5 is not None:
-            shards &= _done_shards(root / second_t5)
+        if second_dir is not None:
+            shards &= _done_shards(second_dir)
         shards = sorted(shards)
         self.members: list[dict[str, _Member]] = []
         self.keys: list[str] = []
@@ -92,8 +129,8 @@ class FeatureDataset(Dataset):
         for shard in shards:
             text = _scan(t5_dir / f"{shard}.tar", ("t5.npy", "t5mask.npy"))
             second: dict[str, dict[str, _Member]] | None = None
-            if second_t5 is not None:
-                second = _scan(root / second_t5 / f"{shard}.tar", ("t5.npy", "t5mask.npy"))
+            if second_dir is not None:
+                second = _scan(second_dir / f"{shard}.tar", ("t5.npy", "t5mask.npy"))
             image = _scan(vae_dir / f"{shard}.tar", ("vae.npy", "json"))
             caption: dict[str, dict[str, _Member]] | None = None
             if captions is not None:

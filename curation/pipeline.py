@@ -1,40 +1,51 @@
-"""`curation run`: ingest -> dedup -> caption -> stats -> features on one Ray session, each stage resumable."""
+"""`curation run`: every stage of `curation.registry` marked for it, in registry order, on one Ray session under
+one output lock. Each stage skips the shards it already finished, so rerunning after a crash resumes."""
 
 from __future__ import annotations
 
-from curation.caption.stage import CaptionStageConfig, run_caption
-from curation.dedup.stage import DedupConfig, run_dedup
-from curation.features.stage import FeaturesConfig, run_features
-from curation.ingest import IngestConfig, run_ingest
-from curation.runner import RunSummary, ray_session
-from curation.stats.stage import StatsConfig, run_stats
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
-DEFAULT_DEDUP = DedupConfig()
+from curation.layout import Layout
+from curation.registry import stage_classes
+from curation.runner import StageRun, output_lock, ray_session, run
+from curation.stage import Stage
+
+
+class StageResult(NamedTuple):
+    stage: Stage  # its `outputs()` say where the results are
+    run: StageRun  # its `lines()` summarise the run
 
 
 def run_pipeline(
     output: str,
-    ingest: IngestConfig,
-    caption: CaptionStageConfig,
-    stats: StatsConfig,
-    features: FeaturesConfig,
+    configs: dict[str, Any],
     *,
     ray_address: str | None = None,
     force: bool = False,
     progress: bool = True,
-    dedup: DedupConfig | None = DEFAULT_DEDUP,  # None: no dedup pass (`--no-dedup`)
-) -> tuple[list[RunSummary], str]:
-    """Run every stage in order; returns the stage summaries and the report's path.
-
-    Each stage skips the shards it already finished, so rerunning after a crash resumes where it stopped.
-    """
-    kw = {"ray_address": ray_address, "progress": progress}
-    with ray_session(ray_address):  # one cluster (or one embedded Ray) for all stages
-        summaries = [run_ingest(output, ingest, force=force, **kw)]
-        if dedup is not None:  # before caption: removed duplicates are never captioned
-            summaries.append(run_dedup(output, dedup, force=force, **kw))
-        summaries.append(run_caption(output, caption, force=force, **kw))
-        stats_summary, report = run_stats(output, stats, **kw)
-        summaries.append(stats_summary)
-        summaries.append(run_features(output, features, force=force, **kw))
-    return summaries, report
+    skip: Iterable[str] = (),
+    on_stage: Callable[[Stage, StageRun], None] | None = None,
+) -> list[StageResult]:
+    """Run the in-run stages in order: `configs` by stage name (a stage not given runs with its config's defaults),
+    `skip` names stages to leave out; `on_stage` sees each stage's result as soon as it finishes."""
+    classes = stage_classes(pipeline_only=True)
+    names = {cls.name for cls in classes}
+    skip = set(skip)
+    unknown = sorted((set(configs) | skip) - names)
+    if unknown:
+        raise ValueError(f"not stages of `curation run`: {', '.join(unknown)} (its stages: {', '.join(names)})")
+    layout = Layout(output)
+    stages = [cls(layout, configs[cls.name] if cls.name in configs else cls.config_type()) for cls in classes]
+    stages = [s for s in stages if s.name not in skip]
+    if not stages:
+        return []
+    stages[0].check()  # a missing input is refused before the output is created and Ray started
+    results = []
+    with output_lock(output), ray_session(ray_address):  # one lock, one cluster (or embedded Ray) for every stage
+        for stage in stages:
+            result = run(stage, ray_address=ray_address, force=force, progress=progress)
+            results.append(StageResult(stage, result))
+            if on_stage is not None:
+                on_stage(stage, result)
+    return results

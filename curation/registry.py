@@ -14,6 +14,7 @@ from curation.stage import Stage
 # (import path, part of `curation run`)
 STAGES: list[tuple[str, bool]] = [
     ("curation.ingest:IngestStage", True),
+    ("curation.sizefilter:SizeFilterStage", False),
     ("curation.dedup.stage:DedupStage", True),
     ("curation.caption.stage:CaptionStage", True),
     ("curation.stats.stage:StatsStage", True),

@@ -59,7 +59,12 @@ class StageDir:
         return isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
 
     def path(self, name: str) -> str:
+        """A file of this folder, as the filesystem (`self.fs`) names it."""
         return f"{self.root.rstrip('/')}/{name}"
+
+    def url_of(self, name: str) -> str:
+        """A file of this folder, as a URL (for writers that take one)."""
+        return f"{self.url.rstrip('/')}/{name}"
 
     def done_shards(self) -> list[str]:
         """Names (`00042`) of the shards whose done marker exists, sorted."""
@@ -83,9 +88,13 @@ class StageDir:
         raw = self.fs.cat(list(paths))
         return {paths[self.fs._strip_protocol(p)]: DoneMarker.from_json(json.loads(data)) for p, data in raw.items()}
 
+    def write_index(self, shard: str, table: pa.Table) -> None:
+        """Publish a shard's parquet alone, atomically (a shard with no tar: keep flags, hashes, edges)."""
+        write_parquet_atomic(self.url_of(f"{shard}.parquet"), table)
+
     def write_done(self, done: DoneMarker) -> DoneMarker:
         """Publish a done marker alone (a shard whose other files were written atomically before it)."""
-        write_json_atomic(f"{self.url.rstrip('/')}/{done.shard}.done.json", done.to_json())
+        write_json_atomic(self.url_of(f"{done.shard}.done.json"), done.to_json())
         return done
 
     def read_index(self, shard: str) -> pa.Table:
@@ -198,7 +207,6 @@ def lineage(chash: str, input_lineage: str | None) -> dict[str, str]:
         "input_lineage": upstream,
         "lineage": config_hash({"config": chash, "input": upstream}),
     }
-
 
 
 def config_hash(semantics: dict[str, Any]) -> str:

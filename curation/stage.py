@@ -29,6 +29,7 @@ from curation.layout import Layout
 from curation.records import OK, Sample
 from curation.shards import DoneMarker, StageDir, lineage  # noqa: F401  (part of the contract)
 
+
 class Worker(Protocol):
     """One per Ray worker: `setup()` once (load models), then `process()` per shard."""
 

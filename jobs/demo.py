@@ -21,6 +21,7 @@ from curation.caption.stage import CaptionStageConfig, run_caption
 from curation.export.pixart import export_pixart
 from curation.features.stage import SIGMA_MAX_LENGTH, FeaturesConfig, run_features
 from curation.ingest import IngestConfig
+from curation.layout import Layout
 from curation.pipeline import run_pipeline
 from curation.runner import ray_session
 from curation.stats.stage import StatsConfig, run_stats
@@ -59,14 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     reports = {}
     with ray_session(None, num_cpus=2):
         for name, source, folder in SOURCES:
-            summaries, reports[name] = run_pipeline(
-                str(out / name),
-                IngestConfig(source=source, input=str(folder), shard_size=4),
-                caption,
-                StatsConfig(name=name),
-                features,
-                progress=False,
-            )
+            configs = {
+                "ingest": IngestConfig(source=source, input=str(folder), shard_size=4),
+                "caption": caption,
+                "stats": StatsConfig(name=name),
+                "features": features,
+            }  # dedup: its defaults
+            summaries = [result.run for result in run_pipeline(str(out / name), configs, progress=False)]
+            reports[name] = Layout(str(out / name)).report("index.html")
             # Multi-scale latents too (each image at its aspect-ratio bucket): only the new sidecar is computed.
             summaries.append(
                 run_features(str(out / name), dataclasses.replace(features, multiscale=True), progress=False)

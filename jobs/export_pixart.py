@@ -1,4 +1,4 @@
-"""Job: `curation export-pixart` (file layout only, no Ray; run it where the InternData folder should be written).
+"""Job: `curation export-pixart` (it writes a local folder: run it where the InternData folder should be written).
 
 ray job submit --working-dir . -- python jobs/export_pixart.py --output OUT --to /data/InternData ...
 """

@@ -37,7 +37,7 @@ def test_folder_ingest_end_to_end(tmp_path, coco_files, ray_local):
     for shard in stage.done_shards():
         done = stage.read_done(shard)
         samples = list(wds.WebDataset(f"{out}/images/{shard}.tar", shardshuffle=False, empty_check=False))
-        assert done["members"] == len(samples) == done["by_status"]["ok"]
+        assert done.extra["members"] == len(samples) == done.counts["by_status"]["ok"]
         with tarfile.open(f"{out}/images/{shard}.tar") as tar:
             assert len(tar.getnames()) == 2 * len(samples)
         for s in samples:

@@ -5,7 +5,8 @@ from torch.utils.data import DataLoader
 
 from curation.buckets import bucket_size
 from curation.features.npy import read_npy
-from curation.features.stage import FeaturesConfig, FeaturesStage
+from curation.features.stage import FeaturesConfig, FeaturesWorker
+from curation.layout import Layout
 from curation.loader import AspectRatioBatchSampler, FeatureDataset
 from curation.shards import StageDir
 from curation.tiny.t5 import build_tiny_t5
@@ -19,12 +20,12 @@ def out(tmp_path_factory):
     t5, vae = build_tiny_t5(root / "t5"), build_tiny_vae(root / "vae")
     out = root / "out"
     make_caption_shards(out, n_ok=6, per_shard=5)
-    stage = FeaturesStage(
-        str(out), FeaturesConfig(str(t5), str(vae), max_length=16, resolutions=(256,), multiscale=True)
+    worker = FeaturesWorker(
+        Layout(str(out)), FeaturesConfig(str(t5), str(vae), max_length=16, resolutions=(256,), multiscale=True)
     )
-    stage.setup()
+    worker.setup()
     for shard in StageDir(f"{out}/captions").done_shards():
-        stage.process(shard)
+        worker.process(shard)
     return out
 
 
@@ -48,6 +49,9 @@ def test_items_match_the_shards_and_draw_fresh_noise(out):
     assert np.abs(draws.mean(0).numpy() - mean).max() < 5 * std.max() / np.sqrt(200)
     assert ds.buckets[0] == ds.meta[0]["bucket"]
     assert len(FeatureDataset(out / "features", "vae256ms", max_ratio=None)) == 7
+    # The same dataset from the output folder, its paths through curation's Layout.
+    same = FeatureDataset.from_output(out, "vae256ms", caption_set="default")
+    assert same.keys == ds.keys and same.members == ds.members and same[0]["caption"] == item["caption"]
 
 
 def test_batches_hold_one_bucket_and_cover_every_item_once(out):
@@ -80,10 +84,10 @@ def test_any_caption_set_and_the_sigma_ratio_draw(out):
     texts = make_named_set(out, "dense")
     t5, vae = str(out.parent / "t5"), str(out.parent / "vae")  # the fixture's models
     config = FeaturesConfig(t5, vae, max_length=16, resolutions=(256,), multiscale=True, field="dense")
-    stage = FeaturesStage(str(out), config)
-    stage.setup()
+    worker = FeaturesWorker(Layout(str(out)), config)
+    worker.setup()
     for shard in StageDir(f"{out}/captions").done_shards():
-        assert stage.process(shard)["sidecars_written"] == ["t5-dense-16"]  # the VAE sidecar is current
+        assert worker.process(shard).extra["sidecars_written"] == ["t5-dense-16"]  # the VAE sidecar is current
     dense = {k: m for shard in StageDir(f"{out}/features/t5-dense-16").done_shards()
              for k, m in StageDir(f"{out}/features/t5-dense-16").iter_samples(shard)}  # fmt: skip
     only = FeatureDataset(out / "features", "vae256ms", t5="t5-dense-16")

@@ -14,7 +14,7 @@ import platform
 import queue
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,25 +30,48 @@ STATIC_CACHES = ("static", "offloaded_static")  # transformers' preallocated KV 
 
 @dataclass(frozen=True)
 class CaptionConfig:
-    model: str
-    prompt: str = DEFAULT_PROMPT
-    max_new_tokens: int = 128
-    batch_size: int | None = None  # None: CPU_BATCH_SIZE on the CPU, on CUDA what fits (auto_batch_size)
-    do_sample: bool = False
-    num_beams: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    min_new_tokens: int = 0
-    device: str = "auto"  # "auto" = cuda if available, else cpu
-    revision: str | None = None
-    num_threads: int | None = None  # torch CPU threads; None leaves torch's default alone
-    seed: int = 0  # reseeded before each generate() call when do_sample, so a rerun gives the same text
+    model: str = field(metadata={"help": "the captioning model: a Hub id or a local folder"})
+    prompt: str = field(
+        default=DEFAULT_PROMPT, metadata={"help": "str.format template; {original} is the original caption"}
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "most tokens generated per caption"})
+    batch_size: int | None = field(
+        default=None,  # None: CPU_BATCH_SIZE on the CPU, on CUDA what fits (auto_batch_size)
+        metadata={"help": "images per generate() call (default: 8 on the CPU, what fits on a GPU)"},
+    )
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
+    num_beams: int = field(default=1, metadata={"help": "beam search width (1: no beam search)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --do-sample)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling's probability mass (with --do-sample)"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "penalty on repeated tokens (1.0: none)"})
+    min_new_tokens: int = field(default=0, metadata={"help": "fewest tokens generated per caption"})
+    device: str = field(
+        default="auto",  # "auto" = cuda if available, else cpu
+        metadata={
+            "help": "where the model runs (auto: cuda when available, else cpu)",
+            "choices": ["auto", "cuda", "cpu"],
+        },
+    )
+    revision: str | None = field(default=None, metadata={"help": "model revision (branch, tag or commit)"})
+    num_threads: int | None = field(
+        default=None,  # None leaves torch's default alone
+        metadata={"help": "torch CPU threads per worker (default: torch's own)"},
+    )
+    seed: int = field(
+        default=0,  # reseeded before each generate() call when do_sample, so a rerun gives the same text
+        metadata={"help": "seed for --do-sample"},
+    )
     # Passed to generate(): "static" preallocates the KV cache, and transformers then compiles the decode step
     # (torch.compile, CUDA graphs) on CUDA only: 1.6x naive generate at 7B, after a ~35 s compile per batch shape,
     # so a short batch is padded to the full batch shape. None: "static" on CUDA for models that compile,
     # "dynamic" elsewhere (on the CPU the static cache is not compiled and gains nothing).
-    cache_implementation: str | None = None
+    cache_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "generate()'s KV cache, e.g. static or dynamic (default: static on CUDA for models that "
+            "compile, else dynamic)"
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,41 +4,59 @@ or `captions-<NAME>/` for a named caption set (`<key>.txt` and `<key>.json` only
 The CPU front end works ahead of the model in two bounded thread pools: one decodes the next images, one runs the
 processor (preprocessing, tokenisation) on the next batches, so the model's thread only moves ready tensors to the
 device and generates. Samples that failed upstream or fail to decode here stay rows of the index with their reason,
-and are never dropped.
+and are never dropped; samples a `SampleFilter` removes (dedup's duplicates) are skipped rows, never captioned.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from curation.caption.model import DEFAULT_PROMPT, CaptionConfig, Captioner, Prepared
-from curation.caption.sets import DEFAULT_SET, ORIGINAL, set_dir, template_fields
-from curation.dedup.filter import DuplicateFilter
+from curation.caption.sets import template_fields
 from curation.imaging import ImageDecodeError, decode_image, prefetch
+from curation.layout import DEFAULT_SET, ORIGINAL, Layout
 from curation.records import OK, Sample, count_statuses, samples_to_table, table_to_samples
-from curation.shards import ShardWriter, StageDir, config_hash, lineage
+from curation.shards import DoneMarker, ShardWriter, config_hash, lineage
+from curation.stage import InputView, Pass, Resources, RunContext, Stage
+
+if TYPE_CHECKING:
+    from curation.runner import StageRun
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 
 
 @dataclass(frozen=True)
 class CaptionStageConfig:
-    model: CaptionConfig = field(default_factory=lambda: CaptionConfig(model=DEFAULT_MODEL, prompt=DEFAULT_PROMPT))
-    decode_threads: int = max(2, min(8, (os.cpu_count() or 2)))
-    workers: int | None = None  # actors; default one per GPU, or per free CPU without GPUs
-    include_duplicates: bool = False  # caption the samples dedup removes too (not in semantics: in the lineage)
-    name: str = DEFAULT_SET  # the caption set (its folder, not its content: not in semantics)
+    model: CaptionConfig = field(
+        default_factory=lambda: CaptionConfig(model=DEFAULT_MODEL, prompt=DEFAULT_PROMPT),
+        metadata={"help": "the captioning model, prompt and generation parameters"},
+    )
+    decode_threads: int = field(
+        default=max(2, min(8, (os.cpu_count() or 2))), metadata={"help": "CPU decode threads per actor"}
+    )
+    workers: int | None = field(
+        default=None, metadata={"help": "actors (default: one per GPU, or per CPU without)"}
+    )  # how fast, not what: not in semantics
+    include_duplicates: bool = field(
+        default=False, metadata={"help": "also process the samples dedup removes (default: skip them)"}
+    )  # not in semantics: in the lineage
+    name: str = field(
+        default=DEFAULT_SET, metadata={"help": "caption set [a-z0-9_]+ (default: captions/, else captions-NAME/)"}
+    )  # the caption set (its folder, not its content: not in semantics)
 
     def __post_init__(self) -> None:
-        set_dir(self.name)  # refuses a malformed or reserved name
+        Layout.captions_folder(self.name)  # refuses a malformed or reserved name
         template_fields(self.model.prompt)  # refuses a malformed template before any model loads
 
     @property
     def folder(self) -> str:
-        return set_dir(self.name)
+        """The set's folder, relative to the output: `captions` or `captions-NAME`."""
+        return Layout.captions_folder(self.name)
 
     def semantics(self) -> dict:
         """Model, prompt and generation parameters decide the captions; batch size, threads, cache kind do not
@@ -52,26 +70,48 @@ class CaptionStageConfig:
         return model
 
 
-class CaptionStage:
-    def __init__(self, output: str, config: CaptionStageConfig) -> None:
-        root = output.rstrip("/")
-        self.images = StageDir(f"{root}/images")
-        self.stage_dir = StageDir(f"{root}/{config.folder}")
+class CaptionStage(Stage):
+    name = "caption"
+    help = "images/ -> captions/ with LLaVA (the PixArt-alpha prompt by default)"
+    config_type = CaptionStageConfig
+
+    def passes(self, ctx: RunContext) -> Iterator[Pass]:
+        """One pass: every done `images/` shard -> the caption set's folder."""
+        config, layout = self.config, self.layout
+        yield Pass(
+            label=config.folder,
+            folder=layout.captions(config.name),
+            make_worker=functools.partial(CaptionWorker, layout, config),
+            tasks=[(shard, None) for shard in layout.images.done_shards()],
+            semantics=config.semantics(),
+            resources=Resources.for_device(config.model.device, config.workers),
+            upstream=InputView(layout, layout.images, config),
+        )
+
+    def outputs(self) -> list[str]:
+        return [f"captions: {self.layout.captions(self.config.name).url}/"]
+
+
+class CaptionWorker:
+    """Captions one `images/` shard into the caption set's folder; the model loads once per worker."""
+
+    def __init__(self, layout: Layout, config: CaptionStageConfig) -> None:
+        self.images = layout.images
+        self.input = InputView(layout, self.images, config)
+        self.stage_dir = layout.captions(config.name)
         self.config = config
         self.needs_original = ORIGINAL in template_fields(config.model.prompt)
         # A template (fields, or `{{` escapes) is formatted per image; a plain prompt keeps its one prepared text.
         self.templated = "{" in config.model.prompt or "}" in config.model.prompt
-        self.duplicates = DuplicateFilter.for_stage(output, self.images, config.include_duplicates)
         self.captioner = Captioner(config.model)
 
     def setup(self) -> None:
         self.captioner.setup()
         self._provenance = self.captioner.provenance()
 
-    def process(self, shard: str, payload: None = None) -> dict:
+    def process(self, shard: str, payload: None = None) -> DoneMarker:
         samples = {s.key: s for s in table_to_samples(self.images.read_index(shard))}
-        if self.duplicates is not None:  # removed duplicates become skipped rows, never captioned
-            self.duplicates.skip(shard, samples.values())
+        self.input.skip(shard, samples.values())  # removed samples (duplicates) become skipped rows, never captioned
         if self.needs_original:
             for s in samples.values():
                 if s.status == OK and not (s.original_caption or "").strip():
@@ -97,13 +137,13 @@ class CaptionStage:
                         members[sample.ext] = raw
                     writer.add(sample.key, members)
             rows = sorted(samples.values(), key=lambda s: s.key)
-            done = {
-                "stage": self.config.folder,
-                **lineage(config_hash(self.config.semantics()), (self.duplicates or self.images).read_done(shard)),
-                "by_caption_status": cap_counts,
-                "provenance": self._provenance,
-                **count_statuses(rows),
-            }
+            done = DoneMarker(
+                shard,
+                stage=self.config.folder,
+                **lineage(config_hash(self.config.semantics()), self.input.read_done(shard).upstream),
+                counts={"by_caption_status": cap_counts, **count_statuses(rows)},
+                extra={"provenance": self._provenance},
+            )
             return writer.commit(samples_to_table(rows), done)
 
     def _prepared_batches(
@@ -157,33 +197,8 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def run_caption(
-    output: str,
-    config: CaptionStageConfig,
-    *,
-    ray_address: str | None = None,
-    force: bool = False,
-    progress: bool = True,
-):
-    """Caption every done `images/` shard that has no done shard in the caption set's folder yet."""
-    from curation.runner import Resources, run_stage
+def run_caption(output: str, config: CaptionStageConfig, **kw) -> StageRun:
+    """`curation caption` from Python: see `curation.runner.run` for the keywords."""
+    from curation.runner import run
 
-    images = StageDir(f"{output.rstrip('/')}/images")
-    shards = images.done_shards()
-    return run_stage(
-        output=output,
-        stage_dir=StageDir(f"{output.rstrip('/')}/{config.folder}"),
-        input_dir=DuplicateFilter.for_stage(output, images, config.include_duplicates) or images,
-        make_stage=lambda: CaptionStage(output, config),
-        tasks=[(s, None) for s in shards],
-        semantics=config.semantics(),
-        resources=Resources(
-            num_cpus=1,
-            num_gpus=0 if config.model.device == "cpu" else 1,
-            gpu_optional=config.model.device == "auto",
-            workers=config.workers,
-        ),
-        ray_address=ray_address,
-        force=force,
-        progress=progress,
-    )
+    return run(CaptionStage(Layout(output), config), **kw)

@@ -13,6 +13,7 @@ from curation.shards import StageDir, write_bytes_atomic
 
 if TYPE_CHECKING:
     from curation.dedup.stage import DedupResult
+    from curation.layout import Layout
 
 MAX_GROUPS = 60
 THUMB = 160
@@ -42,13 +43,12 @@ def _thumbnails(images: StageDir, wanted: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def write_duplicates_report(output: str, result: DedupResult) -> str:
-    """Write the page; returns its URL."""
-    from curation.dedup.stage import Dirs, group_members
+def write_duplicates_report(layout: Layout, result: DedupResult) -> str:
+    """Write the page (`layout.report("duplicates.html")`); returns its URL."""
+    from curation.dedup.stage import group_members
 
-    dirs = Dirs(output)
     members, groups = group_members(result.edges)
-    shards = dirs.images.done_shards()
+    shards = layout.images.done_shards()
     info: dict[int, tuple[str, int]] = {}  # sample id -> key, area
     edges = result.edges
     for end in "ab":
@@ -61,7 +61,7 @@ def write_duplicates_report(output: str, result: DedupResult) -> str:
             info[node] = (key, area)
     # Closest calls first: the group whose farthest member is nearest the threshold tells most about it.
     shown = sorted(groups, key=lambda ids: (-max(members[n].distance for n in ids), -len(ids)))[:MAX_GROUPS]
-    thumbs = _thumbnails(dirs.images, {info[n][0]: shards[n >> 32] for ids in shown for n in ids})
+    thumbs = _thumbnails(layout.images, {info[n][0]: shards[n >> 32] for ids in shown for n in ids})
     rows = []
     for ids in shown:
         cells = []
@@ -92,6 +92,6 @@ threshold (<code>curation dedup --threshold N --force</code>).</p>
 <p>Pairs found by distance: {histogram}</p>
 {"".join(rows)}
 """
-    url = f"{output.rstrip('/')}/report/duplicates.html"
+    url = layout.report("duplicates.html")
     write_bytes_atomic(url, page.encode())
     return url

@@ -1,6 +1,6 @@
 """Dedup stage: `images/` -> `dedup/` shards (same names and keys) marking exact and near-duplicate images.
 
-Three passes, each a set of Ray tasks through the runner, each resumable on its own:
+Three passes (`DedupStage.passes`), each a set of Ray tasks through the runner, each resumable on its own:
 
 1. `dedup/hashes/NNNNN.parquet`: per images shard, each sample's SHA-256 and 64-bit pHash (`hashing.py`).
 2. `dedup/edges/band{b}-NNNNN.parquet`: per band of the multi-index (`grouping.py`) and range of query hashes,
@@ -13,26 +13,35 @@ Nothing on the driver grows with the number of samples: it hands out shard names
 whose number follows the duplicates. Each pass-2 task holds one band index of every hash (~40 bytes a sample).
 
 A dedup shard's `lineage` changes only when the set of samples it removes changes (or its images shard was redone):
-later stages read it through `DuplicateFilter`, so a new threshold redoes just the shards whose removals changed.
+later stages read it through `DuplicateFilter` (this stage's `sample_filter`), so a new threshold redoes just the
+shards whose removals changed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.dedup.filter import DuplicateFilter
 from curation.dedup.grouping import BAND_WIDTHS, BandIndex, components
 from curation.dedup.hashing import hamming, phash, sha256
+from curation.errors import ConfigError, SetupError
 from curation.imaging import ImageDecodeError
+from curation.layout import Layout
 from curation.records import FAILED, OK
-from curation.shards import StageDir, config_hash, lineage, read_parquet, write_json_atomic, write_parquet_atomic
+from curation.runner.planning import pending_shards
+from curation.shards import DoneMarker, StageDir, config_hash, lineage, write_json_atomic
+from curation.stage import Pass, Resources, RunContext, Stage
 
 STAGE = "dedup"
 HASH_VERSION = "phash-dct64-v1"
@@ -74,12 +83,19 @@ DEDUP_INDEX = pa.schema(
 
 @dataclass(frozen=True)
 class DedupConfig:
-    threshold: int = DEFAULT_THRESHOLD  # pHash Hamming distance at or below which two images are duplicates
-    query_chunk: int = 2_000_000  # query hashes per pass-2 task: bounds a task's time, not what it finds
+    threshold: int = field(
+        default=DEFAULT_THRESHOLD, metadata={"help": "pHash Hamming distance counted as duplicate"}
+    )  # at or below it, two images are duplicates
+    query_chunk: int = field(
+        default=2_000_000,
+        metadata={"help": "query hashes per pair-finding task (bounds a task's time, not what it finds)", "cli": False},
+    )  # how the work is cut, not what it finds: not in semantics
 
     def __post_init__(self) -> None:
         if not 0 <= self.threshold <= 16:
-            raise ValueError(f"threshold must be within 0..16 bits, got {self.threshold}")
+            raise ConfigError(f"threshold must be within 0..16 bits, got {self.threshold}")
+        if self.query_chunk < 1:
+            raise ConfigError(f"query_chunk must be at least 1, got {self.query_chunk}")
 
     def hash_semantics(self) -> dict[str, Any]:
         return {"hash": HASH_VERSION}
@@ -88,39 +104,40 @@ class DedupConfig:
         return {"hash": HASH_VERSION, "threshold": self.threshold}
 
 
-class Dirs:
-    """The folders dedup reads and writes under an output."""
-
-    def __init__(self, output: str) -> None:
-        root = output.rstrip("/")
-        self.images = StageDir(f"{root}/images")
-        self.hashes = StageDir(f"{root}/{STAGE}/hashes")
-        self.edges = StageDir(f"{root}/{STAGE}/edges")
-        self.dedup = StageDir(f"{root}/{STAGE}")
-
-
-def _publish(stage_dir: StageDir, shard: str, table: pa.Table, done: dict[str, Any]) -> dict[str, Any]:
+def _publish(folder: StageDir, table: pa.Table, done: DoneMarker, started: float) -> DoneMarker:
     """Index first, done marker last: a shard without its marker does not exist."""
-    done = {"shard": shard, "rows": table.num_rows, **done}
-    write_parquet_atomic(f"{stage_dir.url.rstrip('/')}/{shard}.parquet", table)
-    write_json_atomic(f"{stage_dir.url.rstrip('/')}/{shard}.done.json", done)
-    return done
+    done.rows, done.seconds = table.num_rows, round(time.time() - started, 3)
+    folder.write_index(done.shard, table)
+    return folder.write_done(done)
 
 
 def _counts(statuses: list[str]) -> dict[str, int]:
     return dict(Counter(statuses))
 
 
+@dataclass(frozen=True)
+class _Lineages:
+    """A pass's `Upstream` known when the pass is planned: {task: the lineage its output must be made from}."""
+
+    by_task: dict[str, str]
+
+    def lineages(self, shards: list[str]) -> dict[str, str]:
+        return {s: self.by_task[s] for s in shards}
+
+
 # -- pass 1: hashes ---------------------------------------------------------------------------------------------
-class HashStage:
-    def __init__(self, output: str, config: DedupConfig) -> None:
-        self.dirs, self.config = Dirs(output), config
+class HashWorker:
+    """One `dedup/hashes` shard per images shard: SHA-256 and pHash of each sound sample."""
+
+    def __init__(self, layout: Layout, config: DedupConfig) -> None:
+        self.layout, self.config = layout, config
 
     def setup(self) -> None:
         pass
 
-    def process(self, shard: str, _payload: Any = None) -> dict[str, Any]:
-        images = self.dirs.images
+    def process(self, shard: str, _payload: Any = None) -> DoneMarker:
+        started = time.time()
+        images = self.layout.images
         index = images.read_index(shard).select(["key", "status", "ext", "width", "height"]).to_pylist()
         rows = {r["key"]: r for r in index}
         hashed: dict[str, dict[str, Any]] = {}
@@ -138,12 +155,13 @@ class HashStage:
             h = hashed.get(r["key"], {"error": "failed upstream" if r["status"] != OK else "no image member"})
             status = OK if "phash" in h else FAILED
             out.append({"key": r["key"], "status": status, "width": r["width"], "height": r["height"], **h})
-        done = {
-            "stage": f"{STAGE}/hashes",
-            **lineage(config_hash(self.config.hash_semantics()), images.read_done(shard)),
-            "by_status": _counts([r["status"] for r in out]),
-        }
-        return _publish(self.dirs.hashes, shard, pa.Table.from_pylist(out, schema=HASH_INDEX), done)
+        done = DoneMarker(
+            shard,
+            stage=f"{STAGE}/hashes",
+            **lineage(config_hash(self.config.hash_semantics()), images.read_done(shard).upstream),
+            counts={"by_status": _counts([r["status"] for r in out])},
+        )
+        return _publish(self.layout.dedup_hashes, pa.Table.from_pylist(out, schema=HASH_INDEX), done, started)
 
 
 # -- pass 2: candidate pairs per band ---------------------------------------------------------------------------
@@ -173,15 +191,18 @@ class _AllHashes:
         return cls(np.concatenate(ids) if ids else np.empty(0, np.int64), hashes, attrs)
 
 
-class EdgeStage:
-    def __init__(self, output: str, config: DedupConfig) -> None:
-        self.dirs, self.config = Dirs(output), config
+class EdgeWorker:
+    """One `dedup/edges` partial per (band, range of query positions): the pairs within the threshold."""
+
+    def __init__(self, layout: Layout, config: DedupConfig) -> None:
+        self.layout, self.config = layout, config
 
     def setup(self) -> None:
         pass
 
-    def process(self, task: str, payload: dict[str, Any]) -> dict[str, Any]:
-        everything = _AllHashes.load(self.dirs.hashes, payload["shards"])
+    def process(self, task: str, payload: dict[str, Any]) -> DoneMarker:
+        started = time.time()
+        everything = _AllHashes.load(self.layout.dedup_hashes, payload["shards"])
         queries = np.arange(payload["start"], min(payload["stop"], len(everything.hashes)))
         i, j, distance = BandIndex(everything.hashes, payload["band"]).pairs(self.config.threshold, queries)
         ends = {"a": everything.table.take(pa.array(i)), "b": everything.table.take(pa.array(j))}
@@ -191,12 +212,13 @@ class EdgeStage:
             for name in table.column_names:
                 columns[f"{name}_{end}"] = table.column(name)
         edges = pa.table(columns, schema=EDGE_INDEX)
-        done = {
-            "stage": f"{STAGE}/edges",
-            **lineage(config_hash(self.config.semantics()), {"lineage": payload["lineage"]}),
-            "by_pairs": {"exact": int(np.count_nonzero(exact)), "near": int(len(i) - np.count_nonzero(exact))},
-        }
-        return _publish(self.dirs.edges, task, edges, done)
+        done = DoneMarker(
+            task,
+            stage=f"{STAGE}/edges",
+            **lineage(config_hash(self.config.semantics()), payload["lineage"]),
+            counts={"by_pairs": {"exact": int(np.count_nonzero(exact)), "near": int(len(i) - np.count_nonzero(exact))}},
+        )
+        return _publish(self.layout.dedup_edges, edges, done, started)
 
 
 # -- pass 3: groups, kept member, dedup shards ------------------------------------------------------------------
@@ -241,16 +263,19 @@ def removed_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16] if keys else ""
 
 
-class WriteStage:
-    def __init__(self, output: str, config: DedupConfig) -> None:
-        self.dirs, self.config = Dirs(output), config
+class WriteWorker:
+    """One `dedup/` shard per images shard: every sample's group, keep flag and distance to the kept member."""
+
+    def __init__(self, layout: Layout, config: DedupConfig) -> None:
+        self.layout, self.config = layout, config
 
     def setup(self) -> None:
         pass
 
-    def process(self, shard: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def process(self, shard: str, payload: dict[str, Any]) -> DoneMarker:
+        started = time.time()
         found = {key: Member(*values) for key, values in payload["members"].items()}
-        rows = self.dirs.hashes.read_index(shard).to_pylist()
+        rows = self.layout.dedup_hashes.read_index(shard).to_pylist()
         for row in rows:
             if row["status"] != OK:
                 row.update(group=None, keep=True, group_size=None, distance=None, exact=None)
@@ -258,31 +283,25 @@ class WriteStage:
             m = found.get(row["key"], Member(row["key"], True, 1, 0, False))
             row.update(group=m.group, keep=m.keep, group_size=m.group_size, distance=m.distance, exact=m.exact)
         removed = [r["key"] for r in rows if not r["keep"]]
-        chash = config_hash(self.config.semantics())
-        done = {
-            "stage": STAGE,
-            "config_hash": chash,
-            "input_lineage": payload["input_lineage"],
-            "images_lineage": self.dirs.images.read_done(shard).get("lineage", ""),
-            "removed_digest": removed_digest(removed),
-            "by_status": _counts([r["status"] for r in rows]),
-            "by_dedup": {k: v for k, v in (("kept", len(rows) - len(removed)), ("removed", len(removed))) if v},
-        }
-        # What later stages depend on: the images shard and which of its samples are removed, not the threshold.
-        done["lineage"] = config_hash({"images": done["images_lineage"], "removed": done["removed_digest"]})
-        return _publish(self.dirs.dedup, shard, pa.Table.from_pylist(rows, schema=DEDUP_INDEX), done)
+        images_lineage = self.layout.images.read_done(shard).upstream
+        digest = removed_digest(removed)
+        done = DoneMarker(
+            shard,
+            stage=STAGE,
+            config_hash=config_hash(self.config.semantics()),
+            input_lineage=payload["input_lineage"],
+            # What later stages depend on: the images shard and which of its samples are removed, not the threshold.
+            lineage=config_hash({"images": images_lineage, "removed": digest}),
+            counts={
+                "by_status": _counts([r["status"] for r in rows]),
+                "by_dedup": {k: v for k, v in (("kept", len(rows) - len(removed)), ("removed", len(removed))) if v},
+            },
+            extra={"images_lineage": images_lineage, "removed_digest": digest},
+        )
+        return _publish(self.layout.dedup, pa.Table.from_pylist(rows, schema=DEDUP_INDEX), done, started)
 
 
-@dataclass(frozen=True)
-class _Lineages:
-    """An input folder as the runner sees it (`read_done`): a given lineage for each task name."""
-
-    by_task: dict[str, str]
-
-    def read_done(self, task: str) -> dict[str, str]:
-        return {"lineage": self.by_task[task]}
-
-
+# -- the stage ---------------------------------------------------------------------------------------------------
 @dataclass
 class DedupResult:
     summaries: list[Any]  # the runner's RunSummary of each pass that ran
@@ -294,24 +313,115 @@ class DedupResult:
     exact: int
     edges: pa.Table
 
-    def lines(self) -> list[str]:
-        out = [line for s in self.summaries for line in s.lines()]
+    def closing_line(self) -> str:
         sizes = ", ".join(f"{n}x{size}" for size, n in sorted(self.group_sizes.items()))
-        out.append(
+        return (
             f"[dedup] threshold {self.threshold} bits: {len(self.groups)} duplicate group(s) ({sizes or 'none'}); "
             f"{self.removed} of {self.samples} samples removed ({self.exact} byte-identical)"
         )
-        return out
+
+    def lines(self) -> list[str]:
+        return [line for s in self.summaries for line in s.lines()] + [self.closing_line()]
+
+    def totals(self) -> dict[str, Any]:
+        """`dedup/summary.json`."""
+        return {
+            "threshold": self.threshold,
+            "samples": self.samples,
+            "groups": len(self.groups),
+            "group_sizes": {str(k): v for k, v in sorted(self.group_sizes.items())},
+            "removed": self.removed,
+            "exact_removed": self.exact,
+        }
 
 
-def _up_to_date(dirs: Dirs, shards: list[str], chash: str) -> bool:
+class DedupStage(Stage):
+    name = "dedup"
+    help = "images/ -> dedup/: exact and near-duplicate groups, one kept member each"
+    config_type = DedupConfig
+    sample_filter = DuplicateFilter
+
+    def __init__(self, layout: Layout, config: DedupConfig) -> None:
+        super().__init__(layout, config)
+        self.result: DedupResult | None = None
+        self._shards: list[str] = []
+
+    def check(self) -> None:
+        self._images_shards()
+
+    def _images_shards(self) -> list[str]:
+        shards = self.layout.images.done_shards()
+        if not shards:
+            raise SetupError(f"{self.layout.images.url} has no done shards: run `curation ingest` first")
+        return shards
+
+    def passes(self, ctx: RunContext) -> Iterator[Pass]:
+        """Hash every images shard, pair the hashes band by band, then write each shard's groups; nothing at all
+        when `dedup/` already describes every images shard as it is now with this config."""
+        layout, config = self.layout, self.config
+        shards = self._shards = self._images_shards()
+        chash = config_hash(config.semantics())
+        pending_shards(layout.dedup, shards, chash, ctx.force)  # a changed threshold is refused before any work
+        if _up_to_date(layout, shards, chash):
+            return
+        cpu = Resources(num_cpus=1)
+        images = {s: m.upstream for s, m in layout.images.read_dones(shards).items()}
+        yield Pass(
+            label=f"{STAGE}/hashes",
+            folder=layout.dedup_hashes,
+            make_worker=functools.partial(HashWorker, layout, config),
+            tasks=[(s, None) for s in shards],
+            semantics=config.hash_semantics(),
+            resources=cpu,
+            upstream=_Lineages(images),
+        )
+        hash_dones = layout.dedup_hashes.read_dones(shards)
+        fingerprint = config_hash({s: hash_dones[s].lineage for s in shards})
+        tasks = _edge_tasks(shards, hash_dones, config, fingerprint)
+        yield Pass(
+            label=f"{STAGE}/edges",
+            folder=layout.dedup_edges,
+            make_worker=functools.partial(EdgeWorker, layout, config),
+            tasks=tasks,
+            semantics=config.semantics(),
+            resources=cpu,
+            upstream=_Lineages({t: fingerprint for t, _ in tasks}),
+        )
+        edges = _read_edges(layout.dedup_edges)
+        members, _ = group_members(edges)
+        payloads = _write_payloads(shards, members, edges, hash_dones)
+        yield Pass(
+            label=STAGE,
+            folder=layout.dedup,
+            make_worker=functools.partial(WriteWorker, layout, config),
+            tasks=payloads,
+            semantics=config.semantics(),
+            resources=cpu,
+            upstream=_Lineages({s: p["input_lineage"] for s, p in payloads}),
+        )
+
+    def finish(self, summaries: list[Any]) -> list[str]:
+        """`dedup/summary.json` and `report/duplicates.html`; the result is kept on `self.result`."""
+        from curation.dedup.report import write_duplicates_report
+
+        edges = _read_edges(self.layout.dedup_edges)
+        self.result = _result(summaries, self.config, edges, self.layout, self._shards)
+        write_json_atomic(self.layout.dedup_summary, self.result.totals())
+        write_duplicates_report(self.layout, self.result)
+        return [self.result.closing_line()]
+
+    def outputs(self) -> list[str]:
+        return [f"dedup: {self.layout.dedup.url}/", f"report: {self.layout.report('duplicates.html')}"]
+
+
+def _up_to_date(layout: Layout, shards: list[str], chash: str) -> bool:
     """Every images shard has a dedup shard of this config made from it as it is now (and nothing else)."""
-    if set(dirs.dedup.done_shards()) != set(shards):
+    if set(layout.dedup.done_shards()) != set(shards):
         return False
-    images = dirs.images.read_dones(shards)
+    images = layout.images.read_dones(shards)
     return all(
-        m.get("config_hash") == chash and m.get("images_lineage") == images[s].get("lineage")
-        for s, m in dirs.dedup.read_dones(shards).items()
+        m.config_hash == chash and m.extra.get("images_lineage") == images[s].upstream
+        for s, m in layout.dedup.read_dones(shards).items()
     )
 
 
@@ -323,86 +433,21 @@ def run_dedup(
     force: bool = False,
     progress: bool = True,
 ) -> DedupResult:
-    """Hash, pair and group every done images shard; writes `dedup/`, `dedup/summary.json` and the report."""
-    from curation.dedup.report import write_duplicates_report
-    from curation.runner import Resources, SetupError, output_lock, pending_shards, ray_session, run_stage
+    """`curation dedup` from Python: hash, pair and group every done images shard; writes `dedup/`,
+    `dedup/summary.json` and the report. See `curation.runner.run` for the keywords."""
+    from curation.runner import run
 
-    dirs = Dirs(output)
-    shards = dirs.images.done_shards()
-    if not shards:
-        raise SetupError(f"{dirs.images.url} has no done shards: run `curation ingest` first")
-    chash = config_hash(config.semantics())
-    cpu = Resources(num_cpus=1)
-    kw = {"ray_address": ray_address, "force": force, "progress": progress}
-    summaries = []
-    with output_lock(output):
-        pending_shards(dirs.dedup, shards, chash, force)  # a changed threshold is refused before any work
-        if not _up_to_date(dirs, shards, chash):
-            with ray_session(ray_address):  # one cluster for the three passes
-                summaries.append(
-                    run_stage(
-                        output=output,
-                        stage_dir=dirs.hashes,
-                        input_dir=dirs.images,
-                        make_stage=lambda: HashStage(output, config),
-                        tasks=[(s, None) for s in shards],
-                        semantics=config.hash_semantics(),
-                        resources=cpu,
-                        **kw,
-                    )
-                )
-                hash_dones = dirs.hashes.read_dones(shards)
-                fingerprint = config_hash({s: hash_dones[s]["lineage"] for s in shards})
-                tasks = _edge_tasks(shards, hash_dones, config, fingerprint)
-                summaries.append(
-                    run_stage(
-                        output=output,
-                        stage_dir=dirs.edges,
-                        input_dir=_Lineages({t: fingerprint for t, _ in tasks}),
-                        make_stage=lambda: EdgeStage(output, config),
-                        tasks=tasks,
-                        semantics=config.semantics(),
-                        resources=cpu,
-                        **kw,
-                    )
-                )
-                edges = _read_edges(dirs.edges)
-                members, _ = group_members(edges)
-                payloads = _write_payloads(shards, members, edges, hash_dones)
-                summaries.append(
-                    run_stage(
-                        output=output,
-                        stage_dir=dirs.dedup,
-                        input_dir=_Lineages({s: p["input_lineage"] for s, p in payloads}),
-                        make_stage=lambda: WriteStage(output, config),
-                        tasks=payloads,
-                        semantics=config.semantics(),
-                        resources=cpu,
-                        **kw,
-                    )
-                )
-        edges = _read_edges(dirs.edges)
-        result = _result(summaries, config, edges, dirs, shards)
-        write_json_atomic(
-            f"{dirs.dedup.url.rstrip('/')}/summary.json",
-            {
-                "threshold": config.threshold,
-                "samples": result.samples,
-                "groups": len(result.groups),
-                "group_sizes": {str(k): v for k, v in sorted(result.group_sizes.items())},
-                "removed": result.removed,
-                "exact_removed": result.exact,
-            },
-        )
-        write_duplicates_report(output, result)
-    return result
+    stage = DedupStage(Layout(output), config)
+    run(stage, ray_address=ray_address, force=force, progress=progress)
+    assert stage.result is not None  # set by `finish`
+    return stage.result
 
 
 def _edge_tasks(
-    shards: list[str], hash_dones: dict[str, dict[str, Any]], config: DedupConfig, fingerprint: str
+    shards: list[str], hash_dones: dict[str, DoneMarker], config: DedupConfig, fingerprint: str
 ) -> list[tuple[str, dict[str, Any]]]:
     """One task per (band, range of query positions); each loads every hash and probes from its range."""
-    sound = sum(hash_dones[s].get("by_status", {}).get(OK, 0) for s in shards)
+    sound = sum(hash_dones[s].counts.get("by_status", {}).get(OK, 0) for s in shards)
     tasks = []
     for band in range(len(BAND_WIDTHS)):
         for n, start in enumerate(range(0, max(sound, 1), config.query_chunk)):
@@ -413,9 +458,7 @@ def _edge_tasks(
 
 def _read_edges(edges_dir: StageDir) -> pa.Table:
     """All edge partials; a pair met in several bands is kept once."""
-    tables = []
-    for task in edges_dir.done_shards():
-        tables.append(read_parquet(edges_dir.fs, edges_dir.path(f"{task}.parquet")).cast(EDGE_INDEX))
+    tables = [edges_dir.read_index(task).cast(EDGE_INDEX) for task in edges_dir.done_shards()]
     if not tables:
         return EDGE_INDEX.empty_table()
     edges = pa.concat_tables(tables)
@@ -425,7 +468,7 @@ def _read_edges(edges_dir: StageDir) -> pa.Table:
 
 
 def _write_payloads(
-    shards: list[str], members: dict[int, Member], edges: pa.Table, hash_dones: dict[str, dict[str, Any]]
+    shards: list[str], members: dict[int, Member], edges: pa.Table, hash_dones: dict[str, DoneMarker]
 ) -> list[tuple[str, dict[str, Any]]]:
     """Per shard: the duplicates it holds (key -> Member fields) and the lineage of that input."""
     keys: dict[int, str] = {}
@@ -443,14 +486,16 @@ def _write_payloads(
                 shard,
                 {
                     "members": found,
-                    "input_lineage": config_hash({"hashes": hash_dones[shard]["lineage"], "groups": digest}),
+                    "input_lineage": config_hash({"hashes": hash_dones[shard].lineage, "groups": digest}),
                 },
             )
         )
     return payloads
 
 
-def _result(summaries: list[Any], config: DedupConfig, edges: pa.Table, dirs: Dirs, shards: list[str]) -> DedupResult:
+def _result(
+    summaries: list[Any], config: DedupConfig, edges: pa.Table, layout: Layout, shards: list[str]
+) -> DedupResult:
     members, groups = group_members(edges)
     keys: dict[int, str] = {}
     for end in "ab":
@@ -459,7 +504,7 @@ def _result(summaries: list[Any], config: DedupConfig, edges: pa.Table, dirs: Di
     for ids in groups:
         sizes[len(ids)] = sizes.get(len(ids), 0) + 1
     removed = [m for m in members.values() if not m.keep]
-    samples = sum(m.get("rows", 0) for m in dirs.dedup.read_dones(shards).values())
+    samples = sum(m.rows for m in layout.dedup.read_dones(shards).values())
     return DedupResult(
         summaries=summaries,
         threshold=config.threshold,

@@ -38,6 +38,10 @@ trainer's bucket for an entry is the one its latent was cropped to. Entries with
 (α 4, Σ 4.5) are left out and counted, as the trainer would drop them. A shard's JSON is written after its
 files: it never names a missing file.
 
+`ExportStage` writes no shard folder of OUT: it plans no runner pass, and exports the shards as plain Ray tasks
+through the run's context (`RunContext.map`), under the output's lock like every stage. Paths into OUT come from
+`curation.layout.Layout`; the InternData/InternImgs names above are the trainers' contract and live here.
+
 Run: `curation export-pixart --output OUT --to /data/pixart/InternData --resolution 512 [--multiscale]`
 """
 
@@ -46,19 +50,24 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from curation.buckets import MAX_TRAINER_RATIO
-from curation.caption.sets import DEFAULT_SET, ORIGINAL
-from curation.dedup.filter import DuplicateFilter
+from curation.buckets import BASES, MAX_TRAINER_RATIO
+from curation.errors import ConfigError, SetupError
 from curation.features.npy import read_npy
-from curation.features.stage import INPUT, SIGMA_MAX_LENGTH, T5_SIDECAR, t5_sidecar, vae_sidecar
+from curation.features.stage import FIELDS, SIGMA_MAX_LENGTH, T5_SIDECAR, t5_sidecar, vae_sidecar
+from curation.layout import DEFAULT_SET, ORIGINAL, Layout, check_set_name
 from curation.records import OK, SKIPPED
 from curation.shards import StageDir
+from curation.stage import InputView, Pass, RunContext, Stage
+
+if TYPE_CHECKING:
+    from curation.runner import StageRun
 
 DATA_DIR, IMAGE_DIR = (
     "InternData",
@@ -97,7 +106,7 @@ def image_root(to_dir: str | Path) -> Path:
     root = os.path.abspath(os.fspath(to_dir))
     count = root.count(DATA_DIR)
     if count != 1:
-        raise ValueError(
+        raise ConfigError(
             f"the export folder must contain {DATA_DIR!r} exactly once in its path ({count} in {root}): "
             f"PixArt finds images by replacing it with {IMAGE_DIR!r}; pass e.g. /data/pixart/{DATA_DIR}"
         )
@@ -110,39 +119,140 @@ def _field_sidecar(field: str) -> str:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    to: str = field(metadata={"help": "the InternData folder to write (its path must name InternData once)"})
+    resolution: int = field(default=512, metadata={"help": "the bucket base whose latents are exported"})
+    multiscale: bool = field(default=False, metadata={"help": "export the multi-scale (bucketed) latents"})
+    format: str = field(
+        default="alpha", metadata={"help": "PixArt-alpha or PixArt-Sigma layout", "choices": list(FORMATS)}
+    )
+    prompt_field: str = field(
+        default=ORIGINAL, metadata={"help": "Sigma: the `prompt` caption (original or a set name)"}
+    )
+    sharegpt4v_field: str = field(
+        default=DEFAULT_SET, metadata={"help": "Sigma: the `sharegpt4v` caption (a set name)"}
+    )
+    vae_tag: str | None = field(
+        default=None, metadata={"help": "read the VAE sidecars vae512-TAG (e.g. sdxl for Sigma)"}
+    )
+    include_duplicates: bool = field(
+        default=False, metadata={"help": "also process the samples dedup removes (default: skip them)"}
+    )
+    reencode_png: bool = field(
+        default=False, metadata={"help": "write real PNGs instead of the original bytes", "cli": False}
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "to", os.fspath(self.to))
+        if self.format not in FORMATS:
+            raise ConfigError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.resolution not in BASES:
+            raise ConfigError(f"resolution must be among {BASES} (PixArt's bucket bases), got {self.resolution}")
+        for name in (self.prompt_field, self.sharegpt4v_field):
+            if name not in FIELDS and name != DEFAULT_SET:
+                check_set_name(name)
+        if self.vae_tag is not None and not self.vae_tag.isalnum():
+            raise ConfigError(f"vae_tag must be letters and digits, got {self.vae_tag!r}")
+        image_root(self.to)
+
+
+@dataclass(frozen=True)
 class ExportPlan:
     """What every shard's export task needs (sent to the Ray tasks)."""
 
-    output: str
-    data: str  # the InternData folder
-    resolution: int
-    multiscale: bool
-    format: str = "alpha"
-    prompt_field: str = ORIGINAL  # Σ only
-    sharegpt4v_field: str = DEFAULT_SET  # Σ only
-    vae_tag: str | None = None
-    reencode_png: bool = False
-    include_duplicates: bool = False
+    layout: Layout
+    config: ExportConfig
+    data: str  # the InternData folder, absolute
 
     @property
     def t5(self) -> dict[str, StageDir]:
         """{index field: the T5 sidecar its features come from}."""
-        base = f"{self.output.rstrip('/')}/features"
-        if self.format == "sigma":
+        c = self.config
+        if c.format == "sigma":
             return {
-                PROMPT: StageDir(f"{base}/{_field_sidecar(self.prompt_field)}"),
-                SHAREGPT4V: StageDir(f"{base}/{_field_sidecar(self.sharegpt4v_field)}"),
+                PROMPT: self.layout.sidecar(_field_sidecar(c.prompt_field)),
+                SHAREGPT4V: self.layout.sidecar(_field_sidecar(c.sharegpt4v_field)),
             }
-        return {PROMPT: StageDir(f"{base}/{T5_SIDECAR}")}
+        return {PROMPT: self.layout.sidecar(T5_SIDECAR)}
 
     @property
     def vae(self) -> StageDir:
-        sidecar = vae_sidecar(self.resolution, self.multiscale, self.vae_tag)
-        return StageDir(f"{self.output.rstrip('/')}/features/{sidecar}")
+        return self.layout.sidecar(vae_sidecar(self.config.resolution, self.config.multiscale, self.config.vae_tag))
 
     @property
     def max_ratio(self) -> float:
-        return MAX_SIGMA_RATIO if self.format == "sigma" else MAX_TRAINER_RATIO
+        return MAX_SIGMA_RATIO if self.config.format == "sigma" else MAX_TRAINER_RATIO
+
+    def shards(self) -> tuple[list[str], list[str]]:
+        """(the captions shards with every needed sidecar done, all captions shards); SetupError when none has."""
+        c = self.config
+        all_shards = self.layout.captions().done_shards()
+        needed = [self.vae, *self.t5.values()]
+        shards = sorted(set(all_shards).intersection(*(d.done_shards() for d in needed)))
+        if not shards:
+            raise SetupError(
+                f"no shard of {self.layout.output} has {' and '.join(d.url for d in needed)} done: run "
+                f"`curation features` with resolution {c.resolution}{' and --multiscale' if c.multiscale else ''} "
+                "first"
+                + (f" (--max-length {SIGMA_MAX_LENGTH}, --field for each of the two captions)" if c.format == "sigma"
+                   else "")
+            )  # fmt: skip
+        return shards, all_shards
+
+
+class ExportStage(Stage):
+    """Writes outside OUT (no shard folder of its own): one plain Ray task per shard, no `Pass`."""
+
+    name = "export-pixart"
+    help = "feature shards -> PixArt-alpha's or Sigma's InternData/InternImgs layout"
+    config_type = ExportConfig
+
+    def __init__(self, layout: Layout, config: ExportConfig) -> None:
+        super().__init__(layout, config)
+        self.plan = ExportPlan(layout, config, os.path.abspath(config.to))
+        self.result: dict[str, int] = {}  # the counts, for callers (`export_pixart`)
+
+    def check(self) -> None:
+        self.plan.shards()
+
+    def passes(self, ctx: RunContext) -> Iterator[Pass]:
+        """Export every shard with its features through `ctx.map`; no pass of the runner's."""
+        self.result = self._export(ctx)
+        yield from ()
+
+    def _export(self, ctx: RunContext) -> dict[str, int]:
+        plan, c = self.plan, self.config
+        shards, all_shards = plan.shards()
+        images = image_root(plan.data)
+        data = Path(plan.data)
+        index = data / index_dir(c.multiscale, c.format)
+        for d in (*feature_dirs(c.format).values(), vae_dir(c.resolution, c.multiscale, c.format), index):
+            (data / d).mkdir(parents=True, exist_ok=True)
+        images.mkdir(parents=True, exist_ok=True)
+        for stale in index.glob("*.json"):  # an earlier export's shards that are gone, or α's former single file
+            if stale.stem not in shards:
+                stale.unlink()
+        results = ctx.map("export-pixart", _export_shard, [(s, (plan, s)) for s in shards])
+        counts = _zero_counts(c.format)
+        for shard_counts in results.values():
+            for k, v in shard_counts.items():
+                counts[k] += v
+        return counts | {"shards": len(shards), "shards_without_features": len(all_shards) - len(shards)}
+
+    def finish(self, summaries: list[Any]) -> list[str]:
+        return ["[export-pixart] " + ", ".join(f"{k}={v}" for k, v in self.result.items())]
+
+    def outputs(self) -> list[str]:
+        index = index_dir(self.config.multiscale, self.config.format)
+        where = f"index: one JSON file per shard in {index}/, pass them all as the list"
+        return [f"PixArt InternData: {self.config.to} ({where})"]
+
+
+def _zero_counts(format: str) -> dict[str, int]:
+    counts = {"entries": 0, "left_out_ratio": 0, "failed": 0, "skipped_duplicate": 0}
+    if format == "sigma":
+        counts |= {"prompt_fallback": 0, "sharegpt4v_fallback": 0}
+    return counts
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -188,54 +298,28 @@ def export_pixart(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Write PixArt's InternData/InternImgs layout for one resolution from OUT's feature shards, one Ray task per
-    shard; returns counts."""
-    from curation.runner import ray_session, run_tasks
-
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    images = image_root(to_dir)
-    data = Path(os.path.abspath(os.fspath(to_dir)))
-    plan = ExportPlan(
-        output, str(data), resolution, multiscale, format, prompt_field, sharegpt4v_field, vae_tag, reencode_png,
-        include_duplicates,
+    shard; returns counts (`curation export-pixart` from Python)."""
+    config = ExportConfig(
+        os.fspath(to_dir), resolution, multiscale, format, prompt_field, sharegpt4v_field, vae_tag,
+        include_duplicates, reencode_png,
     )  # fmt: skip
-    all_shards = StageDir(f"{output.rstrip('/')}/{INPUT}").done_shards()
-    needed = [plan.vae, *plan.t5.values()]
-    shards = sorted(set(all_shards).intersection(*(d.done_shards() for d in needed)))
-    if not shards:
-        raise FileNotFoundError(
-            f"no shard of {output} has {' and '.join(d.url for d in needed)} done: run `curation features` with "
-            f"resolution {resolution}{' and --multiscale' if multiscale else ''} first"
-            + (f" (--max-length {SIGMA_MAX_LENGTH}, --field for each of the two captions)" if format == "sigma" else "")
-        )
-    index = data / index_dir(multiscale, format)
-    for d in (*feature_dirs(format).values(), vae_dir(resolution, multiscale, format), index):
-        (data / d).mkdir(parents=True, exist_ok=True)
-    images.mkdir(parents=True, exist_ok=True)
-    for stale in index.glob("*.json"):  # an earlier export's shards that are gone, or α's former single file
-        if stale.stem not in shards:
-            stale.unlink()
-    with ray_session(ray_address):
-        results = run_tasks("export-pixart", _export_shard, [(s, (plan, s)) for s in shards], progress=progress)
-    counts = {"entries": 0, "left_out_ratio": 0, "failed": 0, "skipped_duplicate": 0}
-    if format == "sigma":
-        counts |= {"prompt_fallback": 0, "sharegpt4v_fallback": 0}
-    for shard_counts in results.values():
-        for k, v in shard_counts.items():
-            counts[k] += v
-    return counts | {"shards": len(shards), "shards_without_features": len(all_shards) - len(shards)}
+    return run_export(output, config, ray_address=ray_address, progress=progress).result
+
+
+def run_export(output: str, config: ExportConfig, **kw: Any) -> StageRun:
+    """`curation export-pixart` from Python: see `curation.runner.run` for the keywords; `.result` is the counts."""
+    from curation.runner import run
+
+    return run(ExportStage(Layout(output), config), **kw)
 
 
 def _export_shard(plan: ExportPlan, shard: str) -> dict[str, int]:
     """Export one shard's files, then its JSON index file; returns its counts."""
-    base = plan.output.rstrip("/")
-    captions = StageDir(f"{base}/{INPUT}")
-    duplicates = DuplicateFilter.for_stage(base, captions, plan.include_duplicates)
-    removed = duplicates.removed(shard) if duplicates is not None else {}
+    c = plan.config
+    captions = plan.layout.captions()
+    removed = InputView(plan.layout, captions, c).removed(shard)  # dedup's, unless include_duplicates
     texts = {field: {r["key"]: r for r in d.read_index(shard).to_pylist()} for field, d in plan.t5.items()}
-    counts = {"entries": 0, "left_out_ratio": 0, "failed": 0, "skipped_duplicate": 0}
-    if plan.format == "sigma":
-        counts |= {"prompt_fallback": 0, "sharegpt4v_fallback": 0}
+    counts = _zero_counts(c.format)
     # key -> the index entry, and per index field the sidecar whose features it takes (a fallback: the other's)
     keep: dict[str, dict[str, Any]] = {}
     sources: dict[str, dict[str, str]] = {}
@@ -264,7 +348,7 @@ def _export_shard(plan: ExportPlan, shard: str) -> dict[str, int]:
             "ratio": row["orig_height"] / row["orig_width"],
         }
     _export_files(plan, shard, keep, sources, captions)
-    index = Path(plan.data) / index_dir(plan.multiscale, plan.format) / f"{shard}.json"
+    index = Path(plan.data) / index_dir(c.multiscale, c.format) / f"{shard}.json"
     _write(index, json.dumps(list(keep.values()), ensure_ascii=False).encode())  # last: names existing files only
     counts["entries"] = len(keep)
     return counts
@@ -278,19 +362,20 @@ def _export_files(
     captions: StageDir,
 ) -> None:
     """Streaming passes (each T5 sidecar, VAE, images): a shard's features never sit in memory together."""
+    c = plan.config
     data = Path(plan.data)
     written: dict[str, set[str]] = {"vae": set(), "image": set()}
-    out_dirs = feature_dirs(plan.format)
+    out_dirs = feature_dirs(c.format)
     for source, sidecar in plan.t5.items():
         for key, members in sidecar.iter_samples(shard):
             # The fields whose features this sidecar provides for the key (its own, and a fallback's).
             fields = [f for f, s in sources.get(key, {}).items() if s == source]
             if fields:
-                npz = _npz_bytes(read_npy(members["t5.npy"]), read_npy(members["t5mask.npy"]), plan.format)
+                npz = _npz_bytes(read_npy(members["t5.npy"]), read_npy(members["t5mask.npy"]), c.format)
                 for f in fields:
                     _write(data / out_dirs[f] / f"{key}.npz", npz)
                     written.setdefault(f, set()).add(key)
-    vae_out = data / vae_dir(plan.resolution, plan.multiscale, plan.format)
+    vae_out = data / vae_dir(c.resolution, c.multiscale, c.format)
     for key, members in plan.vae.iter_samples(shard):
         if key in keep:
             _write(vae_out / f"{key}.npy", members["vae.npy"])  # already a float32 .npy of the final shape
@@ -300,7 +385,7 @@ def _export_files(
     for key, members in captions.iter_samples(shard):
         if key in keep:
             raw = members[exts[key]]
-            _write(images / f"{key}.png", _png_bytes(raw) if plan.reencode_png else raw)
+            _write(images / f"{key}.png", _png_bytes(raw) if c.reencode_png else raw)
             written["image"].add(key)
     for what in [*out_dirs, "vae", "image"]:
         if missing := keep.keys() - written.get(what, set()):

@@ -174,12 +174,14 @@ def local_map(label: str, fn: Callable[..., Any], tasks: list[tuple[str, tuple]]
     return {task_id: fn(*args) for task_id, args in tasks}
 
 
-def list_source(name: str, input_url: str, work_url: str | None = None) -> list[SourceItem]:
+def list_source(name: str, input_url: str) -> list[SourceItem]:
     """Every item of a (small) input, listed in this process: for tests and tools, not for ingest at scale."""
     import tempfile
 
+    from curation.layout import Layout
+
     with tempfile.TemporaryDirectory(prefix="curation-listing-") as tmp:
-        plan = plan_source(name, input_url, work_url or tmp, local_map)
+        plan = plan_source(name, input_url, Layout(tmp).listings, local_map)
         return [item for _, listing, _ in plan.units for item in read_listing(listing)]
 
 

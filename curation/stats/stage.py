@@ -4,72 +4,190 @@ Map then reduce: each shard's partial `NounStats` (per caption field) is written
 marker, so a rerun only counts new shards, and the merge is exact whatever the split. Images are the samples that
 were captioned (status ok), so the "original" and "caption" rows describe the same images side by side.
 
-Each named caption set (`captions-<NAME>/`) has its own partials in `stats-<NAME>/`, counted and resumed on its own,
-and its own Table 1 row; `compare` adds rows of other outputs or caption corpora to the same table.
+Each named caption set (`captions-<NAME>/`) has its own partials in `stats-<NAME>/`, counted and resumed on its own
+(one pass each), and its own Table 1 row; `compare` adds rows of other outputs or caption corpora to the same table.
+With `captions` (a corpus file) there are no passes: the report is the corpus's Table 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import json
 import os
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import fsspec.implementations.local
 
-from curation.caption.sets import DEFAULT_SET, named_sets, set_dir
-from curation.dedup.filter import DUPLICATE, DuplicateFilter
+from curation.errors import ConfigError, SetupError
+from curation.layout import DEFAULT_SET, Layout
 from curation.records import OK
-from curation.shards import StageDir, config_hash, lineage, read_parquet, write_json_atomic
+from curation.shards import DoneMarker, config_hash, lineage, read_parquet, write_json_atomic
+from curation.stage import InputView, Pass, Resources, RunContext, Stage
 from curation.stats.nouns import VALID_THRESHOLD, NounExtractor, NounStats, count_captions, decode_caption
 from curation.stats.report import write_report
 
+if TYPE_CHECKING:
+    from curation.runner import RunSummary, StageRun
+
 STAGE = "stats"
 FIELDS = ("caption", "original")
+FIELD_CHOICES = {"caption": ("caption",), "original": ("original",), "both": FIELDS}
 GALLERY_SIZE = 12
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class StatsConfig:
-    fields: tuple[str, ...] = FIELDS
-    valid_threshold: int = VALID_THRESHOLD
-    name: str | None = None  # dataset name in the report; default: the output folder's name
-    include_duplicates: bool = False  # count the samples dedup removes too (not in semantics: in the lineage)
-    compare: tuple[str, ...] = ()  # other outputs (their stats run) or caption corpora: more rows in the table
+    field: str = dataclasses.field(
+        default="both",
+        metadata={
+            "help": "the captions to count: the generated ones, the originals (alt-text), or both",
+            "choices": list(FIELD_CHOICES),
+        },
+    )
+    valid_threshold: int = dataclasses.field(
+        default=VALID_THRESHOLD, metadata={"help": "valid nouns appear more than this many times"}
+    )  # shapes the merged report only, not the per-shard partials: not in semantics
+    name: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "dataset name in the table (default: the output folder's, or the corpus file's name)"},
+    )
+    include_duplicates: bool = dataclasses.field(
+        default=False, metadata={"help": "also count the samples dedup removes (default: skip them)"}
+    )  # not in semantics: in the lineage
+    compare: tuple[str, ...] = dataclasses.field(
+        default=(),
+        metadata={"help": "other outputs (their stats run) or caption corpora: more rows in the table", "nargs": "+"},
+    )
+    captions: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "a caption corpus instead of the output's shards: JSONL or parquet, one caption per image"},
+    )
+    column: str = dataclasses.field(default="caption", metadata={"help": "the corpus's caption field or column"})
+
+    def __post_init__(self) -> None:
+        if self.field not in FIELD_CHOICES:
+            raise ConfigError(f"--field {self.field!r}: one of {', '.join(FIELD_CHOICES)}")
+        object.__setattr__(self, "compare", tuple(self.compare))
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The counted fields: ("caption",), ("original",) or both."""
+        return FIELD_CHOICES[self.field]
 
     def semantics(self) -> dict[str, Any]:
         # The threshold only shapes the merged report, not the per-shard partials.
         return {"fields": list(self.fields)}
 
 
-def stats_dir(caption_set: str) -> str:
-    """Folder of a caption set's partials: `stats` for the default set (and the originals), else `stats-<NAME>`."""
-    return STAGE if caption_set == DEFAULT_SET else f"{STAGE}-{caption_set}"
+class StatsStage(Stage):
+    name = "stats"
+    help = "concept density (PixArt-alpha Table 1) of caption shards or a caption corpus"
+    config_type = StatsConfig
+
+    def __init__(self, layout: Layout, config: StatsConfig) -> None:
+        super().__init__(layout, config)
+        self.sets: list[str] = []  # the named caption sets counted (planned by `passes`)
+        self.result: str | None = None  # the report's index.html, once `finish` wrote it
+
+    def check(self) -> None:
+        config = self.config
+        for what, url in [("the caption corpus", config.captions)] + [("--compare", c) for c in config.compare]:
+            if url is None:
+                continue
+            fs, path = fsspec.core.url_to_fs(url)
+            if not fs.exists(path):
+                raise SetupError(f"{what} {url} does not exist")
+
+    def named_sets(self) -> list[str]:
+        """The named caption sets counted besides the default set: all of them when captions are counted."""
+        if "caption" not in self.config.fields:
+            return []
+        return [s for s in self.layout.caption_sets() if s != DEFAULT_SET]
+
+    def passes(self, ctx: RunContext) -> Iterator[Pass]:
+        """One pass per caption set: the default set's (captions and originals) first, then each named set's."""
+        if self.config.captions is not None:  # a corpus: counted in `finish`, no shards
+            return
+        self.sets = self.named_sets()
+        for caption_set in [DEFAULT_SET, *self.sets]:
+            # A named set's originals are the default set's: only its captions are counted.
+            config = self.config if caption_set == DEFAULT_SET else dataclasses.replace(self.config, field="caption")
+            folder, captions = self.layout.stats(caption_set), self.layout.captions(caption_set)
+            yield Pass(
+                label=folder.url.rstrip("/").rsplit("/", 1)[-1],
+                folder=folder,
+                make_worker=functools.partial(StatsWorker, self.layout, config, caption_set),
+                tasks=[(shard, None) for shard in captions.done_shards()],
+                semantics=config.semantics(),
+                resources=Resources(num_cpus=1),
+                upstream=InputView(self.layout, captions, config),
+            )
+
+    def finish(self, summaries: list[RunSummary]) -> list[str]:
+        """Merge the partials (or count the corpus) and write `OUT/report/`."""
+        config, layout = self.config, self.layout
+        if config.captions is not None:
+            name = config.name or config.captions.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+            rows = {name: count_captions(read_corpus(config.captions, config.column))}
+            rows |= compare_rows(config.compare, config.valid_threshold)
+            self.result = write_local_report(
+                layout.report(), lambda local: write_report(local, rows, valid_threshold=config.valid_threshold)
+            )
+            return self._table()
+        _, buckets = merge_partials(layout.output, config.fields)
+        ordered = table_rows(layout.output, config, self.sets) | compare_rows(config.compare, config.valid_threshold)
+        self.result = write_local_report(
+            layout.report(),
+            lambda local: write_report(
+                local,
+                ordered,
+                valid_threshold=config.valid_threshold,
+                bucket_counts=buckets,
+                gallery=gallery(layout.output),
+            ),
+        )
+        return self._table()
+
+    def _table(self) -> list[str]:
+        """Table 1 as written (markdown), for the terminal."""
+        with fsspec.open(self.layout.report("table1.md"), "rt", encoding="utf-8") as fh:
+            return fh.read().rstrip("\n").splitlines()
+
+    def outputs(self) -> list[str]:
+        return [f"report: {self.result or self.layout.report('index.html')}"]
 
 
-class StatsStage:
-    def __init__(self, output: str, config: StatsConfig, caption_set: str = DEFAULT_SET) -> None:
-        root = output.rstrip("/")
-        self.captions = StageDir(f"{root}/{set_dir(caption_set)}")
-        self.stage_dir = StageDir(f"{root}/{stats_dir(caption_set)}")
+class StatsWorker:
+    """Counts the nouns of one caption shard into its partial, then writes the shard's done marker."""
+
+    def __init__(self, layout: Layout, config: StatsConfig, caption_set: str = DEFAULT_SET) -> None:
+        self.captions = layout.captions(caption_set)
+        self.input = InputView(layout, self.captions, config)
+        self.stage_dir = layout.stats(caption_set)
         self.config = config
-        self.duplicates = DuplicateFilter.for_stage(output, self.captions, config.include_duplicates)
+        self.reasons = filter_reasons()
 
     def setup(self) -> None:
         self.extractor = NounExtractor()
 
-    def process(self, shard: str, payload: None = None) -> dict[str, Any]:
+    def process(self, shard: str, payload: None = None) -> DoneMarker:
         started = time.time()
-        # Duplicates are left out whether the caption stage skipped them or captioned them (--include-duplicates).
-        removed = self.duplicates.removed(shard) if self.duplicates is not None else {}
+        # Removed samples (duplicates) are left out whether the caption stage skipped them or captioned them
+        # (--include-duplicates there); those it skipped are tallied as skipped here too.
+        removed = self.input.removed(shard)
         index = self.captions.read_index(shard).to_pylist()
         rows = [r for r in index if r["status"] == OK and r["key"] not in removed]
-        duplicates = sum(r["key"] in removed or r["error_reason"] == DUPLICATE for r in index)
+        skipped: dict[str, int] = {}
+        for r in index:
+            reason = removed[r["key"]][0] if r["key"] in removed else r["error_reason"]
+            if reason in self.reasons:
+                skipped[reason] = skipped.get(reason, 0) + 1
         partial: dict[str, Any] = {"buckets_1024": {}}
         invalid_utf8 = 0
         if "caption" in self.config.fields:
@@ -87,26 +205,31 @@ class StatsStage:
             partial["original"] = count_captions(originals, extractor=self.extractor).to_json()
         for r in rows:
             partial["buckets_1024"][r["bucket_1024"]] = partial["buckets_1024"].get(r["bucket_1024"], 0) + 1
-        write_json_atomic(self.stage_dir.url.rstrip("/") + f"/{shard}.json", partial)
-        done = {
-            "stage": STAGE,
-            "shard": shard,
-            "rows": len(rows),
-            **lineage(config_hash(self.config.semantics()), (self.duplicates or self.captions).read_done(shard)),
-            "by_caption_bytes": {"invalid_utf8": invalid_utf8} if invalid_utf8 else {},
-            "by_skipped": {DUPLICATE: duplicates} if duplicates else {},
-            "started": started,
-            "seconds": round(time.time() - started, 3),
-        }
-        write_json_atomic(self.stage_dir.url.rstrip("/") + f"/{shard}.done.json", done)  # last
-        return done
+        write_json_atomic(self.stage_dir.url_of(f"{shard}.json"), partial)
+        done = DoneMarker(
+            shard,
+            stage=STAGE,
+            rows=len(rows),
+            **lineage(config_hash(self.config.semantics()), self.input.read_done(shard).upstream),
+            counts={"by_caption_bytes": {"invalid_utf8": invalid_utf8} if invalid_utf8 else {}, "by_skipped": skipped},
+            extra={"started": started},
+        )
+        done.seconds = round(time.time() - started, 3)
+        return self.stage_dir.write_done(done)  # last
+
+
+def filter_reasons() -> frozenset[str]:
+    """The skipped rows' reasons of every registered `SampleFilter` (dedup's `duplicate`)."""
+    from curation.registry import stage_classes
+
+    return frozenset(s.sample_filter.reason for s in stage_classes() if s.sample_filter is not None)
 
 
 def merge_partials(
     output: str, fields: tuple[str, ...], caption_set: str = DEFAULT_SET
 ) -> tuple[dict[str, NounStats], dict[str, int]]:
     """Sum every done shard's partial: {field: NounStats}, and image counts per aspect-ratio bucket."""
-    stage = StageDir(f"{output.rstrip('/')}/{stats_dir(caption_set)}")
+    stage = Layout(output).stats(caption_set)
     totals = {f: NounStats() for f in fields}
     buckets: dict[str, int] = {}
     for shard in stage.done_shards():
@@ -126,7 +249,7 @@ def gallery(output: str, limit: int = GALLERY_SIZE) -> list[dict[str, Any]]:
 
     from curation.imaging import ImageDecodeError, decode_image
 
-    captions = StageDir(f"{output.rstrip('/')}/captions")
+    captions = Layout(output).captions()
     items: list[dict[str, Any]] = []
     for shard in captions.done_shards():
         for key, members in captions.iter_samples(shard):
@@ -152,30 +275,12 @@ def gallery(output: str, limit: int = GALLERY_SIZE) -> list[dict[str, Any]]:
     return items
 
 
-def _run_set(output: str, config: StatsConfig, caption_set: str, ray_address: str | None, progress: bool):
-    from curation.runner import Resources, run_stage
-
-    root = output.rstrip("/")
-    captions = StageDir(f"{root}/{set_dir(caption_set)}")
-    return run_stage(
-        output=output,
-        stage_dir=StageDir(f"{root}/{stats_dir(caption_set)}"),
-        input_dir=DuplicateFilter.for_stage(output, captions, config.include_duplicates) or captions,
-        make_stage=lambda: StatsStage(output, config, caption_set),
-        tasks=[(s, None) for s in captions.done_shards()],
-        semantics=config.semantics(),
-        resources=Resources(num_cpus=1),
-        ray_address=ray_address,
-        progress=progress,
-    )
-
-
 def table_rows(output: str, config: StatsConfig, sets: list[str]) -> dict[str, NounStats]:
     """{row name: NounStats} of an output's merged partials: originals, the default set, then each named set.
 
     A field whose captions are empty everywhere (a source without alt-text) has no row, rather than a row of 0/0.
     """
-    name = config.name or os.path.basename(output.rstrip("/")) or "dataset"
+    name = config.name or Layout(output).name
     totals, _ = merge_partials(output, config.fields)
     names = {"caption": f"{name} (generated captions)", "original": f"{name} (original captions)"}
     # Originals first: the paper's layout reads "LAION" then "LAION-LLaVA".
@@ -191,39 +296,26 @@ def compare_rows(others: tuple[str, ...], valid_threshold: int = VALID_THRESHOLD
     for other in others:
         fs, path = fsspec.core.url_to_fs(other)
         if fs.isdir(path):
-            sets = [s for s in named_sets(other) if s != DEFAULT_SET]
+            sets = [s for s in Layout(other).caption_sets() if s != DEFAULT_SET]
             found = table_rows(other, StatsConfig(valid_threshold=valid_threshold), sets)
             if not found:
-                raise FileNotFoundError(f"{other} has no caption statistics: run `curation stats --output {other}`")
+                raise SetupError(f"{other} has no caption statistics: run `curation stats --output {other}`")
             rows |= found
         else:
             rows[os.path.basename(path.rstrip("/")).split(".")[0]] = count_captions(read_corpus(other, "caption"))
     return rows
 
 
-def run_stats(output: str, config: StatsConfig, *, ray_address: str | None = None, progress: bool = True):
-    """Count nouns of every done caption shard (every caption set) on Ray, merge, and write `OUT/report/`.
+def run_stats(output: str, config: StatsConfig, **kw) -> tuple[RunSummary | None, str]:
+    """`curation stats` from Python: see `curation.runner.run` for the keywords (`force` redoes the partials of
+    another field choice).
 
-    Returns the summary of the default set's (and originals') stats, and the report's index.html.
+    Returns the summary of the default set's (and originals') pass (None for a corpus), and the report's index.html.
     """
-    from curation.runner import ray_session
+    from curation.runner import run
 
-    root = output.rstrip("/")
-    sets = [s for s in named_sets(output) if s != DEFAULT_SET] if "caption" in config.fields else []
-    # One Ray session for all sets (only when there are several: a finished stage starts none).
-    with ray_session(ray_address) if sets else nullcontext():
-        summary = _run_set(output, config, DEFAULT_SET, ray_address, progress)
-        for s in sets:
-            _run_set(output, replace(config, fields=("caption",)), s, ray_address, progress)
-    _, buckets = merge_partials(output, config.fields)
-    ordered = table_rows(output, config, sets) | compare_rows(config.compare, config.valid_threshold)
-    report_dir = write_local_report(
-        f"{root}/report",
-        lambda local: write_report(
-            local, ordered, valid_threshold=config.valid_threshold, bucket_counts=buckets, gallery=gallery(output)
-        ),
-    )
-    return summary, report_dir
+    done: StageRun = run(StatsStage(Layout(output), config), **kw)
+    return (done.summaries[0] if done.summaries else None), done.result
 
 
 def run_corpus_stats(
@@ -236,11 +328,10 @@ def run_corpus_stats(
     compare: tuple[str, ...] = (),
 ) -> str:
     """Table 1 of any caption corpus: JSONL with a `column` field per line, or parquet with that column."""
-    rows = {name: count_captions(read_corpus(captions_file, column))} | compare_rows(compare, valid_threshold)
-    return write_local_report(
-        f"{output.rstrip('/')}/report",
-        lambda local: write_report(local, rows, valid_threshold=valid_threshold),
+    config = StatsConfig(
+        captions=captions_file, name=name, column=column, valid_threshold=valid_threshold, compare=tuple(compare)
     )
+    return run_stats(output, config, progress=False)[1]
 
 
 def read_corpus(path: str, column: str):
@@ -259,7 +350,7 @@ def read_corpus(path: str, column: str):
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({exc.msg})") from None
+                raise ConfigError(f"{path}:{lineno}: not a JSON line ({exc.msg})") from None
             value = record.get(column) if isinstance(record, dict) else None
             yield value if value is None or isinstance(value, str) else str(value)
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from curation.caption.model import CaptionConfig, Captioner
-from curation.caption.sets import named_sets, set_dir
 from curation.caption.stage import CaptionStageConfig, run_caption
 from curation.dedup.stage import DedupConfig, run_dedup
+from curation.errors import ConfigError
 from curation.imaging import decode_image
 from curation.ingest import IngestConfig, run_ingest
+from curation.layout import Layout
 from curation.runner import SetupError
-from curation.shards import StageDir
 from tests.conftest import REPO
 from tests.layouts import make_folder
 from tests.outputs import index_rows, tar_members
@@ -75,16 +75,16 @@ def test_two_sets_hold_their_own_captions_and_provenance(two_sets, tiny_models):
     image = decode_image(images[key]["jpg"], target_size=captioner.input_size)
     prompt = TEMPLATE.format(original=dense[key]["original_caption"])
     assert captioner.caption([image], [prompt])[0].text == dense[key]["caption"]
-    assert named_sets(str(out)) == ["default", "dense"]
+    assert Layout(str(out)).caption_sets() == ["default", "dense"]
 
 
 def test_sets_resume_and_refuse_a_changed_config_independently(two_sets, tiny_models):
     out, _ = two_sets
-    shards = StageDir(f"{out}/images").done_shards()
+    shards = Layout(str(out)).images.done_shards()
     again = run_caption(str(out), _config(tiny_models, "dense", TEMPLATE), progress=False)
     assert again.shards_run == 0 and again.shards_skipped == len(shards) > 1
     # A shard removed from one set is redone there only.
-    StageDir(f"{out}/captions-dense").remove_shard(shards[-1])
+    Layout(str(out)).captions("dense").remove_shard(shards[-1])
     before = {p.name: p.stat().st_mtime_ns for p in (out / "captions").iterdir()}
     redo = run_caption(str(out), _config(tiny_models, "dense", TEMPLATE), progress=False)
     assert redo.shards_run == 1
@@ -96,11 +96,14 @@ def test_sets_resume_and_refuse_a_changed_config_independently(two_sets, tiny_mo
 
 
 def test_set_names_and_templates_are_checked(tmp_path):
-    assert set_dir("default") == "captions" and set_dir("llava_next2") == "captions-llava_next2"
+    assert Layout.captions_folder("default") == "captions"
+    assert Layout.captions_folder("llava_next2") == "captions-llava_next2"
     for bad in ("original", "images", "features", "Dense", "a-b", ""):
-        with pytest.raises(ValueError):
-            set_dir(bad)
-    with pytest.raises(ValueError, match="only"):
+        with pytest.raises(ConfigError):
+            Layout.captions_folder(bad)
+        with pytest.raises(ConfigError):
+            CaptionStageConfig(name=bad)
+    with pytest.raises(ConfigError, match="only"):
         CaptionStageConfig(model=CaptionConfig(model="m", prompt="Describe {subject}"))
     cli = [sys.executable, "-m", "curation.cli", "caption", "--output", str(tmp_path), "--model", "m"]
     for args in (["--name", "report"], ["--prompt", "Describe {"]):

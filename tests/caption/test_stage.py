@@ -10,10 +10,11 @@ import time
 import pytest
 import webdataset as wds
 
-from curation.caption.model import CaptionConfig
-from curation.caption.stage import CaptionStageConfig, run_caption
+from curation.caption.model import DEFAULT_PROMPT, CaptionConfig
+from curation.caption.stage import DEFAULT_MODEL, CaptionStage, CaptionStageConfig, CaptionWorker, run_caption
 from curation.ingest import IngestConfig, run_ingest
-from curation.shards import StageDir, config_hash
+from curation.layout import Layout
+from curation.shards import config_hash
 from tests.conftest import EDGE_CASES, REPO
 from tests.layouts import make_folder
 from tests.outputs import index_rows
@@ -33,10 +34,14 @@ def test_caption_coco_shards(tmp_path, coco_files, tiny_models, ray_local):
     assert summary.by_status == {"ok": len(coco_files)}
     statuses = summary.counts["by_caption_status"]
     assert sum(statuses.values()) == len(coco_files) and set(statuses) <= {"ok", "empty", "truncated", "repetitive"}
-    for shard in StageDir(f"{out}/captions").done_shards():
-        done = StageDir(f"{out}/captions").read_done(shard)
+    for shard in Layout(str(out)).captions().done_shards():
+        done = Layout(str(out)).captions().read_done(shard)
         seen = list(wds.WebDataset(f"{out}/captions/{shard}.tar", shardshuffle=False, empty_check=False))
-        assert len(seen) == done["members"] == done["by_status"]["ok"]
+        assert done.stage == "captions"
+        raw = json.loads((out / "captions" / f"{shard}.done.json").read_text())
+        assert set(raw) == {"shard", "stage", "rows", "config_hash", "input_lineage", "lineage", "seconds", "members",
+                            "by_status", "by_reason", "by_caption_status", "provenance"}  # fmt: skip
+        assert len(seen) == done.extra["members"] == done.counts["by_status"]["ok"]
         for s in seen:
             record = json.loads(s["json"])
             assert s["txt"].decode() == record["caption"] == captions[s["__key__"]]["caption"]
@@ -47,6 +52,21 @@ def test_caption_coco_shards(tmp_path, coco_files, tiny_models, ray_local):
             assert "transformers" in record["provenance"]["versions"]
             original = next(p for p in coco_files if s["__key__"].endswith(p.stem))
             assert s["jpg"] == original.read_bytes()
+    # The stage plans one pass over every images shard; its worker, run by hand, rewrites a shard byte for byte.
+    layout = Layout(str(out))
+    stage = CaptionStage(layout, _config(tiny_models))
+    (plan,) = list(stage.passes(None))
+    assert plan.label == "captions" and plan.folder == layout.captions()
+    assert [t for t, _ in plan.tasks] == layout.images.done_shards()
+    assert stage.outputs() == [f"captions: {out}/captions/"]
+    shard = layout.captions().done_shards()[0]
+    tar, index = (out / "captions" / f"{shard}.tar").read_bytes(), (out / "captions" / f"{shard}.parquet").read_bytes()
+    worker = CaptionWorker(layout, _config(tiny_models))
+    worker.setup()
+    redone = worker.process(shard, None)
+    assert (out / "captions" / f"{shard}.tar").read_bytes() == tar
+    assert (out / "captions" / f"{shard}.parquet").read_bytes() == index
+    assert redone.to_json() | {"seconds": 0} == layout.captions().read_done(shard).to_json() | {"seconds": 0}
     # A changed prompt is another configuration: refused on the same output.
     from curation.runner import SetupError
 
@@ -62,6 +82,17 @@ def test_config_hash_ignores_what_resolves_per_device():
         assert config_hash(changed.semantics()) == config_hash(default.semantics()), volatile
     other = CaptionStageConfig(model=dataclasses.replace(default.model, max_new_tokens=64))
     assert config_hash(other.semantics()) != config_hash(default.semantics())
+
+
+def test_config_fields_describe_their_flags():
+    for kind in (CaptionStageConfig, CaptionConfig):
+        for field in dataclasses.fields(kind):
+            assert field.metadata.get("help"), f"{kind.__name__}.{field.name}"
+    device = next(f for f in dataclasses.fields(CaptionConfig) if f.name == "device")
+    assert device.metadata["choices"] == ["auto", "cuda", "cpu"]
+    default = CaptionStageConfig()
+    assert default.model == CaptionConfig(model=DEFAULT_MODEL, prompt=DEFAULT_PROMPT) and default.folder == "captions"
+    assert CaptionStageConfig(name="dense").folder == "captions-dense"
 
 
 def test_edge_cases_end_captioned_or_failed_with_reason(tmp_path, tiny_models, ray_local):

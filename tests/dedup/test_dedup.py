@@ -19,12 +19,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from curation import registry
 from curation.caption.model import CaptionConfig
 from curation.caption.stage import CaptionStageConfig, run_caption
+from curation.dedup.filter import DuplicateFilter
 from curation.dedup.grouping import components, find_pairs
-from curation.dedup.stage import DedupConfig, run_dedup
+from curation.dedup.stage import DedupConfig, DedupStage, run_dedup
+from curation.errors import ConfigError, SetupError
 from curation.ingest import IngestConfig, run_ingest
-from curation.runner import SetupError
+from curation.layout import Layout
 from curation.shards import StageDir
 from curation.stats.stage import StatsConfig, run_stats
 from tests.conftest import REPO, SHARED
@@ -97,6 +100,21 @@ def test_copies_grouped_with_their_original_and_distinct_photos_apart(photos, tm
     assert summary["removed"] == 16 and summary["groups"] == 4 and summary["group_sizes"] == {"5": 4}
     page = Path(out, "report", "duplicates.html").read_text()
     assert page.count("<div class=group>") == 4 and page.count("<img ") == 20 and "p00_half" in page
+    # The done markers keep their fields: later stages and older outputs read them.
+    shard = StageDir(f"{out}/dedup").done_shards()[0]
+    marker = json.loads(Path(out, "dedup", f"{shard}.done.json").read_text())
+    assert set(marker) - {"seconds"} == {
+        "stage", "shard", "rows", "config_hash", "input_lineage", "images_lineage", "removed_digest", "by_status",
+        "by_dedup", "lineage",
+    }  # fmt: skip
+    images_marker = json.loads(Path(out, "images", f"{shard}.done.json").read_text())
+    assert marker["stage"] == "dedup" and marker["images_lineage"] == images_marker["lineage"]
+    hashes = json.loads(Path(out, "dedup", "hashes", f"{shard}.done.json").read_text())
+    assert hashes["stage"] == "dedup/hashes" and hashes["input_lineage"] == images_marker["lineage"]
+    hash_fields = {"stage", "shard", "rows", "config_hash", "input_lineage", "lineage", "by_status"}
+    assert set(hashes) - {"seconds"} == hash_fields
+    edges = StageDir(f"{out}/dedup/edges")
+    assert edges.done_shards() and {edges.read_done(t).stage for t in edges.done_shards()} == {"dedup/edges"}
 
     again = run_dedup(out, DedupConfig(), progress=False)  # a rerun does nothing and finds the same groups
     assert again.summaries == [] and again.groups == result.groups
@@ -117,9 +135,9 @@ def test_caption_skips_duplicates_and_follows_a_new_threshold(photos, tmp_path, 
         else:
             assert row["status"] == "ok" and row["caption"] is not None
     assert summary.by_status["skipped"] == 16 and summary.counts["by_skipped"] == {"duplicate": 16}
-    stats_summary, _ = run_stats(out, StatsConfig(fields=("caption",)), progress=False)
+    stats_summary, _ = run_stats(out, StatsConfig(field="caption"), progress=False)
     assert stats_summary.counts["by_skipped"] == {"duplicate": 16}
-    assert sum(StageDir(f"{out}/stats").read_done(s)["rows"] for s in StageDir(f"{out}/stats").done_shards()) == 12
+    assert sum(StageDir(f"{out}/stats").read_done(s).rows for s in StageDir(f"{out}/stats").done_shards()) == 12
 
     with pytest.raises(SetupError, match="different configuration"):
         run_dedup(out, DedupConfig(threshold=1), progress=False)
@@ -182,6 +200,20 @@ def test_sigkill_mid_dedup_then_rerun_gives_the_same_groups(photos, tmp_path, co
     assert index_rows(out, "dedup") == index_rows(ref, "dedup")
     assert len(_groups(out)) == 24  # 30 samples: 6 resized copies grouped with their originals
     assert not [p for p in (out / "dedup").rglob(".tmp-*")]
+
+
+def test_dedup_stage_declares_its_filter_config_and_outputs(tmp_path):
+    layout = Layout(str(tmp_path / "out"))
+    assert ("curation.dedup.stage:DedupStage", True) in registry.STAGES and DedupStage.name == "dedup"
+    assert DedupStage.sample_filter is DuplicateFilter  # how later stages find it (`InputView`)
+    threshold = next(f for f in dataclasses.fields(DedupConfig) if f.name == "threshold")
+    assert threshold.metadata["help"] == "pHash Hamming distance counted as duplicate"
+    stage = DedupStage(layout, DedupConfig())
+    assert stage.outputs() == [f"dedup: {layout.dedup.url}/", f"report: {layout.report('duplicates.html')}"]
+    with pytest.raises(SetupError, match="run `curation ingest` first"):
+        stage.check()
+    with pytest.raises(ConfigError, match="0..16"):
+        DedupConfig(threshold=17)
 
 
 def _brute_force(hashes: np.ndarray, threshold: int) -> set[tuple[int, int]]:

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from curation.errors import SetupError
 from curation.export.pixart import export_pixart
-from curation.features.stage import FeaturesConfig, FeaturesStage
+from curation.features.stage import FeaturesConfig, FeaturesWorker
+from curation.layout import Layout
 from curation.shards import StageDir
 from curation.tiny.t5 import build_tiny_t5
 from curation.tiny.vae import build_tiny_vae
@@ -54,10 +56,10 @@ def output(tmp_path_factory):
     outcomes = make_caption_shards(out, n_ok=3, per_shard=4)
     for multiscale in (True, False):
         config = FeaturesConfig(str(t5), str(vae), max_length=MAX_LENGTH, resolutions=(256,), multiscale=multiscale)
-        stage = FeaturesStage(str(out), config)
-        stage.setup()
+        worker = FeaturesWorker(Layout(str(out)), config)
+        worker.setup()
         for shard in StageDir(f"{out}/captions").done_shards():
-            stage.process(shard)
+            worker.process(shard)
     return out, outcomes
 
 
@@ -114,5 +116,37 @@ def test_the_folder_must_name_interndata_once(tmp_path, output, bad):
 
 
 def test_missing_features_are_a_clear_error(tmp_path, output):
-    with pytest.raises(FileNotFoundError, match="curation features"):
+    with pytest.raises(SetupError, match="curation features"):
         export_pixart(str(output[0]), tmp_path / "InternData", 512, False)
+
+
+def test_the_stage_runs_the_export_as_plain_tasks_and_reports_its_counts(tmp_path, output, ray_local):
+    import dataclasses
+
+    from curation.export.pixart import ExportConfig, ExportStage, run_export
+    from curation.stage import Stage
+
+    assert issubclass(ExportStage, Stage) and ExportStage.name == "export-pixart"
+    assert all(f.metadata.get("help") for f in dataclasses.fields(ExportConfig))
+    out, _ = output
+    root = tmp_path / "InternData"
+    config = ExportConfig(to=str(root), resolution=256, multiscale=True)
+    stage = ExportStage(Layout(str(out)), config)
+    assert stage.outputs() == [
+        f"PixArt InternData: {root} (index: one JSON file per shard in partition_filter/, pass them all as the list)"
+    ]
+    run = run_export(str(out), config, progress=False)
+    assert run.summaries == [] and run.result == export_pixart(str(out), root, 256, True)
+    assert run.lines() == ["[export-pixart] " + ", ".join(f"{k}={v}" for k, v in run.result.items())]
+    assert not (out / "logs").exists() and not (out / "run_config.json").exists()  # nothing of OUT is written
+
+
+def test_the_export_config_is_validated(tmp_path):
+    from curation.errors import ConfigError
+    from curation.export.pixart import ExportConfig
+
+    to = str(tmp_path / "InternData")
+    for bad in (dict(format="beta"), dict(resolution=300), dict(prompt_field="Bad-Name"), dict(vae_tag="sd-xl")):
+        with pytest.raises(ConfigError):
+            ExportConfig(to=to, **bad)
+    assert ExportConfig(to=to, format="sigma", prompt_field="dense", sharegpt4v_field="default").to == to

@@ -10,7 +10,8 @@ import pytest
 
 from curation.export.pixart import export_pixart
 from curation.features.npy import read_npy
-from curation.features.stage import FeaturesConfig, FeaturesStage
+from curation.features.stage import FeaturesConfig, FeaturesWorker
+from curation.layout import Layout
 from curation.shards import StageDir
 from curation.tiny.t5 import build_tiny_t5
 from curation.tiny.vae import build_tiny_sdxl_vae
@@ -59,10 +60,10 @@ def output(tmp_path_factory):
             str(t5), str(vae), max_length=L, resolutions=(RESOLUTION,), multiscale=multiscale, field=field,
             vae_tag="sdxl",
         )  # fmt: skip
-        stage = FeaturesStage(str(out), config)
-        stage.setup()
+        worker = FeaturesWorker(Layout(str(out)), config)
+        worker.setup()
         for shard in StageDir(f"{out}/captions").done_shards():
-            stage.process(shard)
+            worker.process(shard)
     return out, outcomes
 
 

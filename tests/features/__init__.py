@@ -9,7 +9,7 @@ from PIL import Image
 
 from curation.imaging import header_size
 from curation.records import Sample, samples_to_table
-from curation.shards import ShardWriter, StageDir
+from curation.shards import DoneMarker, ShardWriter, StageDir
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 COCO = SHARED / "data" / "coco"
@@ -87,7 +87,8 @@ def make_caption_shards(output: Path, n_ok: int = 6, per_shard: int = 5) -> dict
                     if sample.caption is not None:
                         members["txt"] = sample.caption.encode()
                     writer.add(sample.key, members)
-            writer.commit(samples_to_table([s for s, _, _ in chunk]), {"stage": "captions", "config_hash": "x"})
+            done = DoneMarker(f"{start // per_shard:05d}", stage="captions", config_hash="x")
+            writer.commit(samples_to_table([s for s, _, _ in chunk]), done)
     return {s.key: outcome for s, _, outcome in items}
 
 
@@ -108,7 +109,6 @@ def make_named_set(output: Path, name: str, no_original: frozenset[str] = frozen
                 s.caption = f"{name} caption of {s.key}: a detailed scene with a red boat and two trees"
                 texts[s.key] = s.caption
                 writer.add(s.key, {"txt": s.caption.encode(), "json": s.to_json()})
-            writer.commit(
-                samples_to_table(rows), {"stage": f"captions-{name}", "lineage": f"{shard}-{sorted(no_original)}"}
-            )
+            done = DoneMarker(shard, stage=f"captions-{name}", lineage=f"{shard}-{sorted(no_original)}")
+            writer.commit(samples_to_table(rows), done)
     return texts

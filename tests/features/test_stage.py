@@ -5,13 +5,15 @@ import pytest
 import webdataset as wds
 
 from curation.buckets import bucket_size
+from curation.errors import ConfigError, SetupError
 from curation.features.npy import read_npy
-from curation.features.stage import FeatureDirs, FeaturesConfig, FeaturesStage, run_features
+from curation.features.stage import FeatureDirs, FeaturesConfig, FeaturesWorker, run_features
 from curation.features.t5 import T5Features, TextFeatureConfig
 from curation.features.vae import VaeFeatureConfig, VaeFeatures, cover_size
 from curation.imaging import decode_image
+from curation.layout import Layout
 from curation.records import table_to_samples
-from curation.shards import StageDir
+from curation.shards import DoneMarker, StageDir
 from curation.tiny.t5 import build_tiny_t5
 from curation.tiny.vae import build_tiny_vae
 from tests.features import make_caption_shards
@@ -37,10 +39,10 @@ def _config(models, **kw) -> FeaturesConfig:
     return FeaturesConfig(**{**base, **kw})
 
 
-def _run(out, config) -> list[dict]:
-    stage = FeaturesStage(str(out), config)
-    stage.setup()
-    return [stage.process(shard) for shard in StageDir(f"{out}/captions").done_shards()]
+def _run(out, config) -> list[DoneMarker]:
+    worker = FeaturesWorker(Layout(str(out)), config)
+    worker.setup()
+    return [worker.process(shard) for shard in Layout(str(out)).captions().done_shards()]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def _rows(out, name) -> dict[str, dict]:
 
 def test_t5_sidecar_holds_features_masks_and_failure_rows(made, models):
     out, outcomes, config, dones = made
-    assert [d["sidecars_written"] for d in dones] == [["t5", "vae256ms"]] * 2
+    assert [d.extra["sidecars_written"] for d in dones] == [["t5", "vae256ms"]] * 2
     rows, members = _rows(out, "t5"), _members(out, "t5")
     assert rows.keys() == outcomes.keys()  # one row per sample, failures included
     assert rows["zz_failed"]["status"] == "failed" and rows["zz_failed"]["error_reason"] == "truncated"
@@ -131,34 +133,35 @@ def test_sidecars_keep_the_captions_order_and_read_with_webdataset(made):
 def test_rerun_writes_nothing_and_a_new_resolution_writes_only_its_sidecar(made, models):
     out, _, config, _ = made
     before = {p: p.stat().st_mtime_ns for p in (out / "features").rglob("*") if p.is_file()}
-    assert [d["sidecars_written"] for d in _run(out, config)] == [[], []]
+    assert [d.extra["sidecars_written"] for d in _run(out, config)] == [[], []]
     single = _config(models, multiscale=False)
-    assert [d["sidecars_written"] for d in _run(out, single)] == [["vae256"]] * 2
+    assert [d.extra["sidecars_written"] for d in _run(out, single)] == [["vae256"]] * 2
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
     assert {k: read_npy(m["vae.npy"]).shape for k, m in _members(out, "vae256").items()}["zz_tall"] == (
         8,
         32,
         32,
     )
-    dirs = FeatureDirs(str(out), single)
+    dirs = FeatureDirs(Layout(str(out)), single)
     assert dirs.done_shards() == ["00000", "00001"]
     summary = dirs.read_done("00001")
-    assert summary["rows"] == 4 and summary["by_status"] == {"ok": 1, "failed": 3}
-    assert summary["by_reason"] == {"truncated": 2, "no_text": 1}
+    assert summary.rows == 4 and summary.counts["by_status"] == {"ok": 1, "failed": 3}
+    assert summary.counts["by_reason"] == {"truncated": 2, "no_text": 1}
+    assert summary.complete and dirs.read_dones(["00000", "00001"])["00001"] == summary
 
 
 def test_config_is_validated(models):
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ConfigError, match="dtype"):
         _config(models, dtype="bfloat16")
-    with pytest.raises(ValueError, match="resolutions"):
+    with pytest.raises(ConfigError, match="resolutions"):
         _config(models, resolutions=(300,))
-    with pytest.raises(ValueError, match="field"):
+    with pytest.raises(ConfigError, match="field"):
         _config(models, field="prompt")
+    with pytest.raises(ConfigError, match="vae_tag"):
+        _config(models, vae_tag="sd-xl")
 
 
 def test_run_features_on_ray_resumes_and_refuses_a_changed_config(tmp_path, models, ray_local):
-    from curation.runner import SetupError
-
     out = tmp_path / "out"
     make_caption_shards(out, n_ok=2, per_shard=3)
     config = _config(models, field="original", multiscale=False)
@@ -176,3 +179,100 @@ def test_run_features_on_ray_resumes_and_refuses_a_changed_config(tmp_path, mode
     assert forced.shards_run == 2
     assert {p: p.stat().st_mtime_ns for p in (out / "features" / "vae256").iterdir()} == vae_before
     assert all(read_npy(m["t5.npy"]).dtype == np.float32 for m in _members(out, "t5").values())
+
+
+def test_sidecar_done_markers_keep_their_keys_and_values(made):
+    out, *_ = made
+    for name, extra in (("t5", {"dim"}), ("vae256ms", set())):
+        marker = json.loads((out / "features" / name / "00000.done.json").read_text())
+        assert set(marker) == {
+            "stage", "config_hash", "input_lineage", "lineage", "semantics", "by_status", "by_reason", "shard", "rows",
+            "members", "seconds",
+        } | extra  # fmt: skip
+        assert marker["stage"] == f"features/{name}" and marker["shard"] == "00000" and marker["rows"] == 4
+        assert marker["input_lineage"] == ""  # the test's captions shards keep no lineage
+    t5 = json.loads((out / "features" / "t5" / "00000.done.json").read_text())
+    assert t5["semantics"] == {"t5": t5["semantics"]["t5"], "max_length": 16, "dtype": "float16", "field": "caption",
+                               "clean_caption": True}  # fmt: skip
+    assert t5["dim"] == 32
+
+
+def test_config_hashes_and_sidecar_names_are_unchanged():
+    """Hashes of the configs before the stage contract: an output made then is current now, not 'changed'."""
+    from curation.shards import config_hash
+
+    expected = [
+        ({}, "1ca6013668c88181", {"t5": "6b9bbf1ebcc8451c", "vae256": "7fac080b3fb368cc",
+                                  "vae512": "21730194f22c5aff", "vae1024": "190e43298d76fc20"}),
+        (dict(field="dense", max_length=300, vae_tag="sdxl", multiscale=True, resolutions=(1024,)), "103d4d9ca047b0e4",
+         {"t5-dense-300": "16b561379f20281c", "vae1024ms-sdxl": "8cc4ff7b68fff25a"}),
+        (dict(field="original", dtype="float32", clean_caption=False), "57d87f3a41130f4f",
+         {"t5": "84c3396b0ea84aa4", "vae256": "7fac080b3fb368cc", "vae512": "21730194f22c5aff",
+          "vae1024": "190e43298d76fc20"}),
+    ]  # fmt: skip
+    for kw, chash, sidecars in expected:
+        config = FeaturesConfig(**kw)  # the defaults: DeepFloyd/t5-v1_1-xxl, stabilityai/sd-vae-ft-ema
+        assert config_hash(config.semantics()) == chash
+        assert {name: config_hash(sem) for name, sem in config.sidecars().items()} == sidecars
+        assert list(config.sidecars()) == list(sidecars)  # T5 first, then the resolutions in order
+
+
+def test_the_stage_declares_one_pass_over_the_captions_shards(made):
+    import dataclasses
+
+    from curation.features.stage import KINDS, FeaturesStage
+    from curation.stage import InputView, Resources, ShardFolder, Stage
+
+    out, _, config, _ = made
+    assert issubclass(FeaturesStage, Stage) and FeaturesStage.name == "features"
+    assert FeaturesStage.config_type is FeaturesConfig
+    fields = {f.name: f for f in dataclasses.fields(FeaturesConfig)}
+    assert all(f.metadata.get("help") for f in fields.values())
+    assert fields["device"].metadata["aliases"] == ["--feature-device"]
+    assert [k.__name__ for k in KINDS] == ["TextFeatures", "ImageLatents"]
+    stage = FeaturesStage(Layout(str(out)), config)
+    stage.check()
+    (p,) = list(stage.passes(ctx=None))
+    assert p.label == "features" and [t for t, _ in p.tasks] == ["00000", "00001"]
+    assert isinstance(p.folder, FeatureDirs) and isinstance(p.upstream, InputView)
+    for method in ("done_shards", "read_dones", "remove_shard", "remove_stale_temporaries"):
+        assert callable(getattr(p.folder, method))
+    folder: ShardFolder = p.folder
+    assert folder.url == f"{out}/features" and p.semantics == config.semantics()
+    assert p.resources == Resources(num_gpus=1, gpu_optional=True)
+    assert isinstance(p.make_worker(), FeaturesWorker)
+    assert stage.outputs() == [f"features: {out}/features/"]
+
+
+def test_a_new_kind_is_its_class_and_one_line_in_kinds(tmp_path, monkeypatch):
+    """A kind the stage has never heard of: its sidecar is planned, written, hashed and summarised like the others."""
+    import pyarrow as pa
+
+    import curation.features.stage as features_stage
+    from curation.features.sidecar import FeatureKind, row
+
+    class Sizes(FeatureKind):
+        def sidecars(self):
+            return {"sizes": {"sizes": 1}}
+
+        def setup(self):
+            self.loaded = True
+
+        def write(self, job, sidecars):
+            rows = [row(s, pixels=(s.height or 0) * (s.width or 0)) for s in job.samples]
+            with job.writer("sizes") as writer:
+                for r in rows:
+                    if r["status"] == "ok":
+                        writer.add(r["key"], {"txt": str(r["pixels"]).encode()})
+                writer.commit(pa.Table.from_pylist(rows), job.done("sizes", rows))
+
+    monkeypatch.setattr(features_stage, "KINDS", [Sizes])
+    out = tmp_path / "out"
+    make_caption_shards(out, n_ok=2, per_shard=3)
+    config = FeaturesConfig()
+    assert list(config.sidecars()) == ["sizes"]
+    dones = _run(out, config)
+    assert [d.extra["sidecars_written"] for d in dones] == [["sizes"]] * 2 and all(d.complete for d in dones)
+    marker = StageDir(f"{out}/features/sizes").read_done("00000")
+    assert marker.stage == "features/sizes" and marker.extra["semantics"] == {"sizes": 1}
+    assert [d.extra["sidecars_written"] for d in _run(out, config)] == [[], []]

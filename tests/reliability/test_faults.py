@@ -16,26 +16,28 @@ import pytest
 
 from curation.caption.model import CaptionConfig
 from curation.caption.stage import CaptionStageConfig, run_caption
-from curation.ingest import IngestConfig, IngestStage, run_ingest
-from curation.runner import Resources, run_stage
+from curation.ingest import IngestConfig, IngestWriter, run_ingest
+from curation.layout import Layout
+from curation.runner import run_pass
 from curation.shards import ShardWriter, StageDir
 from curation.sources import local_map, plan_source
 from curation.sources.listing import read_listing
+from curation.stage import Pass, Resources
 from tests.conftest import REPO
 from tests.layouts import make_folder
 from tests.outputs import index_rows as rows
 from tests.reliability import assert_only_done_shards
 
 
-class PausingIngest(IngestStage):
-    """The real ingest stage, except that its first attempt at `target` stops halfway through writing the shard,
+class PausingIngest(IngestWriter):
+    """The real ingest worker, except that its first attempt at `target` stops halfway through writing the shard,
     leaves its pid in `signals/` and waits there to be killed."""
 
     def __init__(self, output: str, config: IngestConfig, target: str, signals: Path) -> None:
-        super().__init__(output, config)
+        super().__init__(Layout(output), config)
         self.target, self.signals = target, signals
 
-    def process(self, shard: str, listing_slice: tuple[str, int, int]) -> dict:
+    def process(self, shard: str, listing_slice: tuple[str, int, int]):
         marker = self.signals / f"{shard}.pid"
         if shard == self.target and not marker.exists():
             items = read_listing(*listing_slice)
@@ -70,15 +72,16 @@ def test_actor_sigkilled_mid_shard_is_retried_and_output_matches(tmp_path, coco_
     seen: dict = {}
     watcher = threading.Thread(target=_kill_when_paused, args=(signals / "root-001.pid", Path(out) / "images", seen))
     watcher.start()
-    summary = run_stage(
-        output=out,
-        stage_dir=StageDir(f"{out}/images"),
-        make_stage=lambda: PausingIngest(out, config, "root-001", signals),
-        tasks=plan_source("folder", str(src), str(tmp_path / "listings"), local_map).shards(config.shard_size),
+    # The actor pool (not stateless tasks): its own requeue of a shard whose worker died is what is tested.
+    ingest = Pass(
+        label="images",
+        folder=Layout(out).images,
+        make_worker=lambda: PausingIngest(out, config, "root-001", signals),
+        tasks=plan_source("folder", str(src), Layout(str(tmp_path)).listings, local_map).shards(config.shard_size),
         semantics=config.semantics(),
         resources=Resources(num_cpus=1),
-        progress=False,
     )
+    summary = run_pass(Layout(out), ingest, progress=False)
     watcher.join()
 
     assert seen["pid"] != os.getpid(), "the SIGKILL must hit a Ray worker, not the driver"

@@ -59,7 +59,7 @@ def test_s3_ingest_then_caption_matches_a_local_run(tmp_path, coco_files, tiny_m
         url = f"{out}/captions/{shard}.tar"
         with fsspec.open(url, "rb") as stream:  # webdataset's own tar reader, on an s3 stream opened by fsspec
             seen = list(group_by_keys({**m, "__url__": url} for m in tar_file_iterator(stream)))
-        assert len(seen) == captions.read_done(shard)["members"]
+        assert len(seen) == captions.read_done(shard).extra["members"]
         for s in seen:
             assert s["txt"].decode() == json.loads(s["json"])["caption"] == out_rows[s["__key__"]]["caption"]
     assert not [p for p in fs.find(f"{bucket}/out") if "/.tmp-" in p]

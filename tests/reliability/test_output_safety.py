@@ -85,8 +85,8 @@ def test_full_disk_fails_cleanly_then_resumes_to_the_uninterrupted_keys(tmp_path
     for shard in done:
         marker = StageDir(str(images)).read_done(shard)
         with tarfile.open(images / f"{shard}.tar") as tar:
-            assert len({n.split(".")[0] for n in tar.getnames()}) == marker["members"]
-        assert pq.read_table(images / f"{shard}.parquet").num_rows == marker["rows"]
+            assert len({n.split(".")[0] for n in tar.getnames()}) == marker.extra["members"]
+        assert pq.read_table(images / f"{shard}.parquet").num_rows == marker.rows
 
     # Space freed (the tmpfs grown in place): the same command resumes and ends where an uninterrupted run does.
     subprocess.run(["mount", "-o", "remount,size=64m", str(images)], check=True)

@@ -1,7 +1,7 @@
 import json
 
 from curation.records import Sample, samples_to_table
-from curation.shards import ShardWriter, StageDir
+from curation.shards import DoneMarker, ShardWriter, StageDir
 from curation.stats.nouns import NounStats, reference_nouns
 from curation.stats.stage import StatsConfig, run_stats
 from tests.conftest import SHARED
@@ -22,7 +22,7 @@ def _set_shards(out, folder: str, captions: list[dict], per_shard: int, original
                 samples.append(s)
                 image = {"jpg": b""} if folder == "captions" else {}  # only the default set holds the bytes
                 writer.add(s.key, {"txt": c["caption"].encode(), "json": s.to_json(), **image})
-            writer.commit(samples_to_table(samples), {"stage": folder})
+            writer.commit(samples_to_table(samples), DoneMarker(writer.shard, stage=folder))
 
 
 def _reference(texts: list[str]) -> NounStats:

@@ -1,7 +1,12 @@
+import dataclasses
 import json
 
+import pytest
+
+from curation.errors import SetupError
+from curation.layout import Layout
 from curation.records import Sample, samples_to_table
-from curation.shards import ShardWriter, StageDir
+from curation.shards import DoneMarker, ShardWriter, StageDir, config_hash
 from curation.stats.nouns import NounStats, count_captions, reference_nouns
 from curation.stats.stage import StatsConfig, run_corpus_stats, run_stats
 from tests.conftest import SHARED
@@ -21,7 +26,7 @@ def _caption_shards(out, captions: list[dict], per_shard: int) -> None:
                 s.set_size(480, 640)
                 samples.append(s)
                 writer.add(s.key, {"jpg": b"", "txt": c["caption"].encode(), "json": s.to_json()})
-            writer.commit(samples_to_table(samples), {"stage": "captions"})
+            writer.commit(samples_to_table(samples), DoneMarker(writer.shard, stage="captions"))
 
 
 def test_shards_on_ray_merge_to_the_single_process_totals(tmp_path, ray_local):
@@ -49,8 +54,8 @@ def test_invalid_utf8_in_a_shard_is_counted_not_fatal(tmp_path, ray_local):
     s.set_size(10, 10)
     with ShardWriter(StageDir(f"{out}/captions"), "00000") as writer:
         writer.add("bad", {"jpg": b"", "txt": b"A cat \xff\xfe on a mat.", "json": s.to_json()})
-        writer.commit(samples_to_table([s]), {"stage": "captions"})
-    summary, _ = run_stats(str(out), StatsConfig(fields=("caption",)), progress=False)
+        writer.commit(samples_to_table([s]), DoneMarker(writer.shard, stage="captions"))
+    summary, _ = run_stats(str(out), StatsConfig(field="caption"), progress=False)
     assert summary.counts["by_caption_bytes"] == {"invalid_utf8": 1}
     row = json.loads((out / "report" / "table1.json").read_text())[0]
     assert row["images"] == 1 and row["total_nouns"] >= 2  # cat, mat
@@ -65,3 +70,48 @@ def test_corpus_report_matches_the_reference_counts(tmp_path):
     assert row == reference.table1_row("COCO")
     assert row["images"] == 5005 and 2 < row["nouns_per_image"] < 6
     assert "COCO" in (tmp_path / "report" / "table1.md").read_text() and html.endswith("index.html")
+
+
+def test_a_changed_field_is_refused_unless_forced(tmp_path, ray_local):
+    captions = [json.loads(line) for line in CORPUS.read_text().splitlines()[:40]]
+    out = tmp_path / "run"
+    _caption_shards(out, captions, per_shard=20)
+    first, _ = run_stats(str(out), StatsConfig(field="both"), progress=False)
+    assert first.shards_run == 2
+    names = [r["name"] for r in json.loads((out / "report" / "table1.json").read_text())]
+    assert names == ["run (original captions)", "run (generated captions)"]
+    stats = Layout(str(out)).stats()
+    raw = json.loads((out / "stats" / "00000.done.json").read_text())
+    assert set(raw) == {"stage", "shard", "rows", "config_hash", "input_lineage", "lineage", "by_caption_bytes",
+                        "by_skipped", "started", "seconds"}  # fmt: skip
+    assert raw["stage"] == "stats" and raw["rows"] == 20 and raw["by_skipped"] == raw["by_caption_bytes"] == {}
+    before = {s: stats.read_done(s).config_hash for s in stats.done_shards()}
+    # Another field choice is another configuration: refused, nothing touched, until --force.
+    with pytest.raises(SetupError, match="--force"):
+        run_stats(str(out), StatsConfig(field="caption"), progress=False)
+    assert {s: stats.read_done(s).config_hash for s in stats.done_shards()} == before
+    forced, _ = run_stats(str(out), StatsConfig(field="caption"), force=True, progress=False)
+    assert forced.shards_run == 2 and forced.samples == len(captions)
+    rows = json.loads((out / "report" / "table1.json").read_text())
+    assert [r["name"] for r in rows] == ["run (generated captions)"]
+    assert rows[0] == count_captions(c["caption"] for c in captions).table1_row("run (generated captions)")
+    chash = config_hash(StatsConfig(field="caption").semantics())
+    assert {stats.read_done(s).config_hash for s in stats.done_shards()} == {chash} != set(before.values())
+
+
+def test_config_keeps_its_hash():
+    assert StatsConfig().semantics() == {"fields": ["caption", "original"]}
+    assert config_hash(StatsConfig().semantics()) == "89885bbf69b55403"
+    assert StatsConfig(field="original").fields == ("original",)
+    assert dataclasses.replace(StatsConfig(), field="caption").fields == ("caption",)
+    for field in dataclasses.fields(StatsConfig):
+        assert field.metadata.get("help"), field.name
+    assert dataclasses.fields(StatsConfig)[0].metadata["choices"] == ["caption", "original", "both"]
+
+
+def test_missing_inputs_and_empty_comparisons_are_one_line_errors(tmp_path):
+    with pytest.raises(SetupError, match="does not exist"):
+        run_corpus_stats(str(tmp_path / "nope.jsonl"), "x", str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SetupError, match="has no caption statistics"):
+        run_corpus_stats(str(CORPUS), "COCO", str(tmp_path / "out"), compare=(str(tmp_path / "empty"),))
