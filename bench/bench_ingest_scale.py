@@ -141,7 +141,7 @@ def throughput(tmp: Path, tars: int, per_tar: int, runs: int = 3) -> None:
             for workers in (1, 2):
                 out = tempfile.mkdtemp(dir=tmp, prefix=f"tp-out-{workers}-")
                 start = time.perf_counter()
-                summary = run_ingest(out, IngestConfig("img2dataset", str(src)), workers=workers, progress=False)
+                summary = run_ingest(out, IngestConfig("img2dataset", str(src), workers=workers), progress=False)
                 rates[workers].append(summary.samples / (time.perf_counter() - start))
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
     ceiling = machine_ceiling()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from curation.records import Sample, samples_to_table
 from curation.runner import ray_session
-from curation.shards import ShardWriter, StageDir
+from curation.shards import DoneMarker, ShardWriter, StageDir
 from curation.stats.stage import StatsConfig, run_stats
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -35,7 +35,7 @@ def write_shards(out: Path, captions: list[str], shards: int) -> None:
                 s.set_size(480, 640)
                 samples.append(s)
                 writer.add(s.key, {"jpg": b"", "txt": text.encode(), "json": s.to_json()})
-            writer.commit(samples_to_table(samples), {"stage": "captions"})
+            writer.commit(samples_to_table(samples), DoneMarker(f"{i:05d}", stage="captions"))
 
 
 def _spin(n: int) -> float:
@@ -77,7 +77,7 @@ def main() -> None:
             # load) and the report are fixed costs that do not scale and are left out.
             stage = StageDir(f"{out}/stats")
             dones = [stage.read_done(s) for s in stage.done_shards()]
-            seconds = max(d["started"] + d["seconds"] for d in dones) - min(d["started"] for d in dones)
+            seconds = max(d.extra["started"] + d.seconds for d in dones) - min(d.extra["started"] for d in dones)
             results[workers] = (seconds, json.loads((out / "report" / "table1.json").read_text())[0])
     (t1, row1), (t2, row2) = results[1], results[2]
     ceiling = machine_ceiling()

@@ -15,7 +15,6 @@ change when the thresholds do.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -24,8 +23,8 @@ import pyarrow as pa
 from curation.errors import ConfigError, SetupError
 from curation.layout import Layout
 from curation.records import OK
-from curation.shards import DoneMarker, config_hash, lineage
-from curation.stage import Pass, Resources, RunContext, SampleFilter, Stage
+from curation.shards import DoneMarker, StageDir, config_hash, lineage
+from curation.stage import KeepFlags, Pass, Resources, RunContext, Stage, removed_digest
 
 NAME = "size-filter"
 TOO_SMALL = "too_small"
@@ -88,13 +87,9 @@ class SizeFilterWorker:
             rows=len(rows),
             **lineage(config_hash(self.config.semantics()), images_lineage),
             counts={"by_size_filter": {"kept": len(rows) - len(removed), "removed": len(removed)}},
-            extra={"images_lineage": images_lineage, "removed_digest": _digest(removed)},
+            extra={"images_lineage": images_lineage, "removed_digest": removed_digest(removed)},
         )
         return folder.write_done(done)
-
-
-def _digest(keys: list[str]) -> str:
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16] if keys else ""
 
 
 class _Images:
@@ -107,32 +102,16 @@ class _Images:
         return {s: m.upstream for s, m in self.layout.images.read_dones(shards).items()}
 
 
-class SizeFilter(SampleFilter):
+class SizeFilter(KeepFlags):
     reason = TOO_SMALL
-    keep_option = "include_small"
+    keep_option = "include_small"  # no stage has this option today: every later stage applies the filter
+    columns = ["reason"]
 
-    def active(self) -> bool:
-        return bool(self.layout.stage_folder(NAME).done_shards())
+    def folder(self) -> StageDir:
+        return self.layout.stage_folder(NAME)
 
-    def _marker(self, shard: str) -> DoneMarker:
-        folder = self.layout.stage_folder(NAME)
-        marker = folder.read_done(shard) if folder.has_done(shard) else None
-        if marker is None or marker.extra.get("images_lineage") != self.layout.images.read_done(shard).upstream:
-            raise SetupError(
-                f"{folder.url} is out of date for images shard {shard} (ingested again since): "
-                f"run `curation {NAME}` again"
-            )
-        return marker
-
-    def lineage(self, shard: str, input_lineage: str) -> str:
-        removed = self._marker(shard).extra.get("removed_digest", "")
-        return config_hash({"input": input_lineage, "too_small": removed}) if removed else input_lineage
-
-    def removed(self, shard: str) -> dict[str, str]:
-        if not self._marker(shard).extra.get("removed_digest"):
-            return {}
-        rows = self.layout.stage_folder(NAME).read_index(shard).to_pylist()
-        return {r["key"]: r["reason"] for r in rows if not r["keep"]}
+    def why(self, row: dict) -> str:
+        return row["reason"]
 
 
 class SizeFilterStage(Stage):

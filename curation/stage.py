@@ -20,14 +20,16 @@ dataclass's fields. Defaults live only in the dataclass.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from curation.errors import SetupError
 from curation.layout import Layout
 from curation.records import OK, Sample
-from curation.shards import DoneMarker, StageDir, lineage  # noqa: F401  (part of the contract)
+from curation.shards import DoneMarker, StageDir, config_hash, lineage  # noqa: F401  (part of the contract)
 
 
 class Worker(Protocol):
@@ -108,6 +110,7 @@ class Stage(ABC):
 
     def __init__(self, layout: Layout, config: Any) -> None:
         self.layout, self.config = layout, config
+        self.result: Any = None  # what `finish` computed (dedup's groups, the report's path): `StageRun.result`
 
     def check(self) -> None:  # noqa: B027 (optional hook)
         """Refuse what cannot work before the output is locked (a missing input): raise a CurationError."""
@@ -149,6 +152,54 @@ class SampleFilter(ABC):
     @abstractmethod
     def removed(self, shard: str) -> dict[str, str]:
         """{key: why (one line)} for the shard's samples this filter leaves out."""
+
+
+class KeepFlags(SampleFilter):
+    """A filter kept as a folder of shards named like `images/`'s, each a parquet of keys with a `keep` flag; each
+    done marker holds `images_lineage` (the images shard it describes) and `removed_digest` (`removed_digest()`)."""
+
+    columns: ClassVar[list[str]]  # the index columns `why` reads
+
+    @abstractmethod
+    def folder(self) -> StageDir:
+        """Where the flags are (from `Layout`)."""
+
+    @abstractmethod
+    def why(self, row: dict[str, Any]) -> str:
+        """The one-line reason of a removed row."""
+
+    def stale(self, shard: str) -> str:
+        """What to tell the user when the flags describe an older images shard."""
+        return f"run `curation {self.folder().url.rstrip('/').rsplit('/', 1)[-1]}` again"
+
+    def active(self) -> bool:
+        return bool(self.folder().done_shards())
+
+    def _marker(self, shard: str) -> DoneMarker:
+        """The shard's marker, refused when it does not describe the images shard as it is now."""
+        folder = self.folder()
+        marker = folder.read_done(shard) if folder.has_done(shard) else None
+        if marker is None or marker.extra.get("images_lineage") != self.layout.images.read_done(shard).upstream:
+            raise SetupError(
+                f"{folder.url} is out of date for images shard {shard} (ingested again since): {self.stale(shard)}"
+            )
+        return marker
+
+    def lineage(self, shard: str, input_lineage: str) -> str:
+        """Unchanged where the filter removes nothing from the shard."""
+        removed = self._marker(shard).extra.get("removed_digest", "")
+        return config_hash({"input": input_lineage, "removed": removed}) if removed else input_lineage
+
+    def removed(self, shard: str) -> dict[str, str]:
+        if not self._marker(shard).extra.get("removed_digest"):
+            return {}
+        rows = self.folder().read_index(shard).select(["key", "keep", *self.columns]).to_pylist()
+        return {r["key"]: self.why(r) for r in rows if r["keep"] is False}
+
+
+def removed_digest(keys: list[str]) -> str:
+    """What later stages' lineage sees of a keep-flag shard: which of its samples are removed ("" for none)."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16] if keys else ""
 
 
 def sample_filters(layout: Layout, config: Any) -> list[SampleFilter]:

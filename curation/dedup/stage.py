@@ -20,7 +20,6 @@ shards whose removals changed.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
 from collections import Counter
@@ -41,7 +40,7 @@ from curation.layout import Layout
 from curation.records import FAILED, OK
 from curation.runner.planning import pending_shards
 from curation.shards import DoneMarker, StageDir, config_hash, lineage, write_json_atomic
-from curation.stage import Pass, Resources, RunContext, Stage
+from curation.stage import Pass, Resources, RunContext, Stage, removed_digest
 
 STAGE = "dedup"
 HASH_VERSION = "phash-dct64-v1"
@@ -256,11 +255,6 @@ def group_members(edges: pa.Table) -> tuple[dict[int, Member], list[list[int]]]:
         groups.append(ids)
     groups.sort(key=lambda ids: attrs[ids[0]][0])
     return members, groups
-
-
-def removed_digest(keys: list[str]) -> str:
-    """What later stages' lineage sees of a dedup shard: which of its samples are removed ("" for none)."""
-    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16] if keys else ""
 
 
 class WriteWorker:

@@ -68,8 +68,7 @@ def run(
         ctx = _Context(cluster, force, progress, workers)
         summaries = [run_pass(layout, p, cluster, force=force, progress=progress) for p in stage.passes(ctx)]
         notes = stage.finish(summaries)
-    result = getattr(stage, "result", None)
-    return StageRun(stage.name, summaries, notes, result)
+    return StageRun(stage.name, summaries, notes, stage.result)
 
 
 def run_pass(
