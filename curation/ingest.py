@@ -72,7 +72,7 @@ class IngestStage(Stage):
             config.source,
             config.input,
             self.layout.listings,
-            lambda label, fn, tasks: ctx.map(f"images {label}", fn, tasks),
+            lambda label, fn, tasks: ctx.map(f"images {label}", fn, tasks, max_in_flight=config.workers),
         )
         self.skipped = plan.skipped
         yield Pass(

@@ -96,7 +96,8 @@ class RunContext(Protocol):
     progress: bool
 
     def map(self, label: str, fn: Callable[..., Any], tasks: list[tuple[str, tuple]], **kw: Any) -> dict[str, Any]:
-        """Run `fn(*args)` as plain Ray tasks (listings, key checks): {task id: result}."""
+        """Run `fn(*args)` as plain Ray tasks (listings, key checks): {task id: result}. `max_in_flight=N` bounds
+        the tasks at once (default: twice the cluster's CPUs)."""
         ...
 
 

@@ -44,12 +44,11 @@ __all__ = [
 class _Context:
     """The `RunContext` a stage plans its passes with."""
 
-    def __init__(self, cluster: Cluster, force: bool, progress: bool, workers: int | None = None) -> None:
-        self.cluster, self.force, self.progress, self.workers = cluster, force, progress, workers
+    def __init__(self, cluster: Cluster, force: bool, progress: bool) -> None:
+        self.cluster, self.force, self.progress = cluster, force, progress
 
     def map(self, label: str, fn: Callable[..., Any], tasks: list[tuple[str, tuple]], **kw: Any) -> dict[str, Any]:
         self.cluster.ensure()
-        kw.setdefault("max_in_flight", self.workers)
         return run_tasks(label, fn, tasks, progress=self.progress, **kw)
 
 
@@ -64,8 +63,7 @@ def run(
     stage.check()
     layout = stage.layout
     with output_lock(layout.output), Cluster(ray_address) as cluster:
-        workers = getattr(stage.config, "workers", None)
-        ctx = _Context(cluster, force, progress, workers)
+        ctx = _Context(cluster, force, progress)
         summaries = [run_pass(layout, p, cluster, force=force, progress=progress) for p in stage.passes(ctx)]
         notes = stage.finish(summaries)
     return StageRun(stage.name, summaries, notes, stage.result)
