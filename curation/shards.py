@@ -209,6 +209,23 @@ def lineage(chash: str, input_lineage: str | None) -> dict[str, str]:
     }
 
 
+def read_parquet_range(fs: fsspec.AbstractFileSystem, path: str, start: int, stop: int | None) -> pa.Table:
+    """Rows [start, stop) of a parquet file, decoding only the row groups they lie in (on the calling thread, as
+    `read_parquet`)."""
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        stop = pf.metadata.num_rows if stop is None else stop
+        groups, first, offset = [], 0, 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if offset < stop and offset + n > start:
+                first = offset if not groups else first
+                groups.append(g)
+            offset += n
+        table = pf.read_row_groups(groups, use_threads=False) if groups else pf.schema_arrow.empty_table()
+    return table.slice(start - first, max(0, stop - start))
+
+
 def config_hash(semantics: dict[str, Any]) -> str:
     """Hash of what decides a stage's output; kept in each done marker so a changed config is caught on rerun."""
     return hashlib.sha256(json.dumps(semantics, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -369,10 +386,10 @@ def write_json_atomic(url: str, payload: dict[str, Any]) -> None:
     write_bytes_atomic(url, json.dumps(payload, indent=1, sort_keys=True, default=str).encode())
 
 
-def write_parquet_atomic(url: str, table: pa.Table) -> None:
+def write_parquet_atomic(url: str, table: pa.Table, row_group_size: int | None = None) -> None:
     """Listing files and other small indexes: a reader sees the whole file or none."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
     write_bytes_atomic(url, buf.getvalue())
 
 

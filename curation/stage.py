@@ -161,6 +161,12 @@ class KeepFlags(SampleFilter):
 
     columns: ClassVar[list[str]]  # the index columns `why` reads
 
+    def __init__(self, layout: Layout) -> None:
+        super().__init__(layout)
+        # A shard's flags are asked for twice (its removals, then its lineage): read and checked once. They cannot
+        # change while this run holds the output lock.
+        self._markers: dict[str, DoneMarker] = {}
+
     @abstractmethod
     def folder(self) -> StageDir:
         """Where the flags are (from `Layout`)."""
@@ -178,12 +184,15 @@ class KeepFlags(SampleFilter):
 
     def _marker(self, shard: str) -> DoneMarker:
         """The shard's marker, refused when it does not describe the images shard as it is now."""
+        if shard in self._markers:
+            return self._markers[shard]
         folder = self.folder()
         marker = folder.read_done(shard) if folder.has_done(shard) else None
         if marker is None or marker.extra.get("images_lineage") != self.layout.images.read_done(shard).upstream:
             raise SetupError(
                 f"{folder.url} is out of date for images shard {shard} (ingested again since): {self.stale(shard)}"
             )
+        self._markers[shard] = marker
         return marker
 
     def lineage(self, shard: str, input_lineage: str) -> str:

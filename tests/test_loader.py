@@ -11,7 +11,7 @@ from curation.loader import AspectRatioBatchSampler, FeatureDataset
 from curation.shards import StageDir
 from curation.tiny.t5 import build_tiny_t5
 from curation.tiny.vae import build_tiny_vae
-from tests.features import make_caption_shards
+from tests.features import make_caption_shards, write_features
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +20,7 @@ def out(tmp_path_factory):
     t5, vae = build_tiny_t5(root / "t5"), build_tiny_vae(root / "vae")
     out = root / "out"
     make_caption_shards(out, n_ok=6, per_shard=5)
-    worker = FeaturesWorker(
-        Layout(str(out)), FeaturesConfig(str(t5), str(vae), max_length=16, resolutions=(256,), multiscale=True)
-    )
-    worker.setup()
-    for shard in StageDir(f"{out}/captions").done_shards():
-        worker.process(shard)
+    write_features(out, FeaturesConfig(str(t5), str(vae), max_length=16, resolutions=(256,), multiscale=True))
     return out
 
 

@@ -20,7 +20,7 @@ from curation.errors import SetupError, ShardError
 from curation.layout import Layout
 from curation.runner.lock import output_lock, record_run_config
 from curation.runner.logs import read_logs, write_shard_log
-from curation.runner.planning import drop_orphans, drop_stale_shards, pending_shards
+from curation.runner.planning import done_markers, drop_orphans, drop_stale_shards, pending_shards
 from curation.runner.pool import Cluster, ray_session, run_actors, run_stateless, run_tasks
 from curation.runner.summary import RunSummary, StageRun
 from curation.shards import config_hash
@@ -92,9 +92,10 @@ def run_pass(
         if p.upstream is not None:
             upstream = p.upstream.lineages(shards)
             drop_orphans(p.folder, shards)
-        todo = set(pending_shards(p.folder, shards, chash, force, upstream))
+        markers = done_markers(p.folder)  # read once: planning, --force's clean-up, the summary of skipped shards
+        todo = set(pending_shards(p.folder, shards, chash, force, upstream, markers))
         if force:
-            drop_stale_shards(p.folder, shards, chash)
+            drop_stale_shards(p.folder, markers, shards, chash)
         record_run_config(layout, p.label, {**p.semantics, "config_hash": chash})
         pending = [t for t in p.tasks if t[0] in todo]
         summary = RunSummary(p.label, shards_total=len(shards), shards_skipped=len(shards) - len(pending))
@@ -114,7 +115,7 @@ def run_pass(
             with contextlib.suppress(OSError):
                 p.folder.remove_stale_temporaries()
         summary.seconds = time.time() - started if pending else 0.0
-        done = set(p.folder.done_shards())
-        for marker in p.folder.read_dones([s for s in shards if s not in todo and s in done]).values():
-            summary.add(marker)
+        for shard in shards:  # the shards not run are as they were planned: their markers are read already
+            if shard not in todo and shard in markers:
+                summary.add(markers[shard])
         return summary

@@ -4,7 +4,13 @@ redone since (lineage); and, with --force, which shards of an older plan to remo
 from __future__ import annotations
 
 from curation.errors import SetupError
+from curation.shards import DoneMarker
 from curation.stage import ShardFolder
+
+
+def done_markers(folder: ShardFolder) -> dict[str, DoneMarker]:
+    """Every done shard's marker, planned or not (an older plan's shards are checked too)."""
+    return folder.read_dones(sorted(folder.done_shards()))
 
 
 def pending_shards(
@@ -13,14 +19,15 @@ def pending_shards(
     chash: str,
     force: bool,
     upstream: dict[str, str] | None = None,
+    markers: dict[str, DoneMarker] | None = None,
 ) -> list[str]:
     """Shards to (re)do: no done marker, made from an input that was redone since, or (composites) incomplete.
 
     A done shard made with another config is refused unless `force`: a rerun must not silently mix configs.
+    `markers`: `done_markers(folder)`, when the caller has read them already.
     """
-    done = set(folder.done_shards())
-    # Every done shard, planned or not: an output made by an older plan (other shard names) is refused too.
-    markers = folder.read_dones(sorted(done))
+    markers = done_markers(folder) if markers is None else markers
+    done = set(markers)
     changed = sorted(s for s, marker in markers.items() if marker.config_hash != chash)
     if changed and not force:
         raise SetupError(
@@ -36,15 +43,14 @@ def pending_shards(
     return [s for s in shards if s not in done or s in redo]
 
 
-def drop_stale_shards(folder: ShardFolder, shards: list[str], chash: str) -> list[str]:
+def drop_stale_shards(folder: ShardFolder, markers: dict[str, DoneMarker], shards: list[str], chash: str) -> list[str]:
     """With --force: remove done shards of another config that the new plan does not redo.
 
     A smaller shard count (a larger --shard-size) leaves the old plan's last shards behind; kept, their keys would
     appear twice in the stage, once in a redone shard and once in the stale one.
     """
     planned = set(shards)
-    outside = [s for s in folder.done_shards() if s not in planned]
-    stale = [s for s, marker in folder.read_dones(outside).items() if marker.config_hash != chash]
+    stale = [s for s, marker in markers.items() if s not in planned and marker.config_hash != chash]
     for shard in stale:
         folder.remove_shard(shard)
     return stale

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.records import safe_key
-from curation.shards import read_parquet, write_parquet_atomic
+from curation.shards import read_parquet, read_parquet_range, write_parquet_atomic
 from curation.sources.base import (
     CONTAINER_SUFFIXES,
     Member,
@@ -37,6 +37,7 @@ from curation.sources.base import (
 
 KEY_BUCKETS = 1024  # keys are hashed into this many buckets at listing; the key check groups buckets into passes
 MAX_EXTS = 16  # a folder's loose-file extensions reported to the driver: the commonest few, not one per file
+ROW_GROUP = 1000  # listing rows per parquet row group: an output shard of --shard-size rows reads about its own
 _MEMBERS = ("image", "caption", "meta")
 _MEMBER_FIELDS = (("container", pa.string()), ("member", pa.string()), ("offset", pa.int64()),
                   ("size", pa.int64()), ("column", pa.string()))  # fmt: skip
@@ -101,7 +102,9 @@ def write_listing(url: str, items: list[SourceItem], about: dict[str, Any] | Non
             for f, _ in _MEMBER_FIELDS:
                 columns[f"{m}_{f}"].append(getattr(member, f) if member is not None else None)
     table = pa.table(columns, schema=LISTING_SCHEMA)
-    write_parquet_atomic(url, table.replace_schema_metadata({"about": json.dumps(about or {}, sort_keys=True)}))
+    about = {"about": json.dumps(about or {}, sort_keys=True)}
+    # Row groups of ROW_GROUP rows: each output shard of the unit decodes the groups of its own rows, not the unit.
+    write_parquet_atomic(url, table.replace_schema_metadata(about), row_group_size=ROW_GROUP)
 
 
 def listing_about(url: str) -> dict[str, Any] | None:
@@ -116,10 +119,8 @@ def listing_about(url: str) -> dict[str, Any] | None:
 
 
 def read_listing(url: str, start: int = 0, stop: int | None = None) -> list[SourceItem]:
-    """The items of one unit's listing, rows [start, stop) in key order."""
-    table = read_parquet(*fsspec.core.url_to_fs(url))
-    rows = table.slice(start, (stop if stop is not None else table.num_rows) - start).to_pylist()
-    return [_item(row) for row in rows]
+    """The items of one unit's listing, rows [start, stop) in key order (only the row groups they lie in)."""
+    return [_item(row) for row in read_parquet_range(*fsspec.core.url_to_fs(url), start, stop).to_pylist()]
 
 
 def _item(row: dict[str, Any]) -> SourceItem:

@@ -10,12 +10,11 @@ from PIL import Image
 
 from curation.errors import SetupError
 from curation.export.pixart import export_pixart
-from curation.features.stage import FeaturesConfig, FeaturesWorker
+from curation.features.stage import FeaturesConfig
 from curation.layout import Layout
-from curation.shards import StageDir
 from curation.tiny.t5 import build_tiny_t5
 from curation.tiny.vae import build_tiny_vae
-from tests.features import make_caption_shards
+from tests.features import make_caption_shards, write_features
 from tests.outputs import export_entries
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -56,10 +55,7 @@ def output(tmp_path_factory):
     outcomes = make_caption_shards(out, n_ok=3, per_shard=4)
     for multiscale in (True, False):
         config = FeaturesConfig(str(t5), str(vae), max_length=MAX_LENGTH, resolutions=(256,), multiscale=multiscale)
-        worker = FeaturesWorker(Layout(str(out)), config)
-        worker.setup()
-        for shard in StageDir(f"{out}/captions").done_shards():
-            worker.process(shard)
+        write_features(out, config)
     return out, outcomes
 
 

@@ -10,12 +10,10 @@ import pytest
 
 from curation.export.pixart import export_pixart
 from curation.features.npy import read_npy
-from curation.features.stage import FeaturesConfig, FeaturesWorker
-from curation.layout import Layout
-from curation.shards import StageDir
+from curation.features.stage import FeaturesConfig
 from curation.tiny.t5 import build_tiny_t5
 from curation.tiny.vae import build_tiny_sdxl_vae
-from tests.features import make_caption_shards, make_named_set
+from tests.features import make_caption_shards, make_named_set, write_features
 from tests.outputs import export_entries, index_rows, tar_members
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -60,10 +58,7 @@ def output(tmp_path_factory):
             str(t5), str(vae), max_length=L, resolutions=(RESOLUTION,), multiscale=multiscale, field=field,
             vae_tag="sdxl",
         )  # fmt: skip
-        worker = FeaturesWorker(Layout(str(out)), config)
-        worker.setup()
-        for shard in StageDir(f"{out}/captions").done_shards():
-            worker.process(shard)
+        write_features(out, config)
     return out, outcomes
 
 

@@ -112,3 +112,14 @@ def make_named_set(output: Path, name: str, no_original: frozenset[str] = frozen
             done = DoneMarker(shard, stage=f"captions-{name}", lineage=f"{shard}-{sorted(no_original)}")
             writer.commit(samples_to_table(rows), done)
     return texts
+
+
+def write_features(output: Path, config) -> list[DoneMarker]:
+    """Every captions shard's feature sidecars, written in this process by one worker (no Ray)."""
+    from curation.features.stage import FeaturesWorker
+    from curation.layout import Layout
+
+    layout = Layout(str(output))
+    worker = FeaturesWorker(layout, config)
+    worker.setup()
+    return [worker.process(shard) for shard in layout.captions().done_shards()]

@@ -16,7 +16,7 @@ from curation.records import table_to_samples
 from curation.shards import DoneMarker, StageDir
 from curation.tiny.t5 import build_tiny_t5
 from curation.tiny.vae import build_tiny_vae
-from tests.features import make_caption_shards
+from tests.features import make_caption_shards, write_features
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,7 @@ def _config(models, **kw) -> FeaturesConfig:
 
 
 def _run(out, config) -> list[DoneMarker]:
-    worker = FeaturesWorker(Layout(str(out)), config)
-    worker.setup()
-    return [worker.process(shard) for shard in Layout(str(out)).captions().done_shards()]
+    return write_features(out, config)
 
 
 @pytest.fixture(scope="module")

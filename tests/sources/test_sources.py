@@ -250,3 +250,19 @@ def test_a_listing_is_kept_while_its_files_are_unchanged(tmp_path, coco_files):
     assert (work / "units" / "a__sa_000000.parquet").stat().st_mtime_ns == listings["a__sa_000000.parquet"]
     assert (work / "units" / "b__sa_000000.parquet").stat().st_mtime_ns != listings["b__sa_000000.parquet"]
     assert {u.id: n for u, _, n in again.units} == {"a__sa_000000": 2, "b__sa_000000": 3}
+
+
+def test_a_listing_in_several_row_groups_reads_back_any_slice_exactly(tmp_path, coco_files, monkeypatch):
+    """Each output shard of a unit decodes only the row groups of its own rows: the slices must still be exact."""
+    import pyarrow.parquet as pq
+
+    import curation.sources.listing as listing
+
+    monkeypatch.setattr(listing, "ROW_GROUP", 3)
+    make_sa1b(tmp_path / "in", coco_files[:10])
+    plan = plan_source("sa1b", str(tmp_path / "in"), Layout(str(tmp_path / "out")).listings, local_map)
+    ((_, url, n),) = plan.units
+    assert n == 10 and pq.ParquetFile(url).num_row_groups == 4
+    whole = read_listing(url)
+    for start, stop in ((0, 4), (4, 8), (8, 10), (2, 3), (9, None), (0, None)):
+        assert read_listing(url, start, stop) == whole[start:stop]
