@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 T = TypeVar("T")
 R = TypeVar("R")
 
-REASONS = ("truncated", "unidentified", "decompression_bomb", "too_many_pixels", "decode_error")
+REASONS = ("truncated_image", "unidentified", "decompression_bomb", "too_many_pixels", "decode_error")
 DEFAULT_MAX_PIXELS = 64_000_000
 _WHITE = (255, 255, 255)
 _ORIENTATION_TAG = 0x0112
@@ -50,7 +50,7 @@ def _open(data: bytes) -> Image.Image:
 
 def _classify(e: Exception) -> ImageDecodeError:
     msg = f"{type(e).__name__}: {e}"
-    return ImageDecodeError("truncated" if "truncated" in str(e).lower() else "decode_error", msg)
+    return ImageDecodeError("truncated_image" if "truncated" in str(e).lower() else "decode_error", msg)
 
 
 def _orientation(im: Image.Image) -> int:
@@ -172,6 +172,47 @@ def header_size(data: bytes) -> tuple[int, int]:
         im = _open(data)
         (width, height), orientation = im.size, _orientation(im)
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _jpeg_scan_start(data: bytes) -> int | None:
+    """Where the first scan's entropy-coded data begins, walking the segments by their lengths (so an EXIF
+    thumbnail's own markers are stepped over); None when the segments do not parse."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill bytes before a marker
+            pos += 1
+            continue
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if marker == 0xDA:
+            return pos + 2 + length
+        pos += 2 + length
+    return None
+
+
+def check_complete(data: bytes) -> None:
+    """Raise `truncated_image` when a JPEG, PNG, GIF or WebP lacks its end: what a cut download or copy loses.
+
+    Only what costs nothing beside the bytes in memory: a JPEG's EOI marker after its first scan, a PNG's IEND
+    chunk, a GIF's 0x3B trailer (zero padding allowed), a WebP's RIFF size within the file. Bytes after the end
+    (padding, appended data, seen in real files) are allowed. Other formats are left to the decode.
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        scan = _jpeg_scan_start(data)
+        if scan is not None and data.rfind(b"\xff\xd9") < scan:
+            raise ImageDecodeError("truncated_image", "the JPEG has no end-of-image marker after its scan")
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        if data.rfind(b"IEND", 33) < 0:
+            raise ImageDecodeError("truncated_image", "the PNG has no IEND chunk")
+    elif data[:6] in (b"GIF87a", b"GIF89a"):
+        if not data.rstrip(b"\0").endswith(b";"):
+            raise ImageDecodeError("truncated_image", "the GIF has no trailer")
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        (size,) = struct.unpack_from("<I", data, 4)
+        if len(data) < 8 + size:
+            raise ImageDecodeError("truncated_image", f"the WebP holds {len(data):,} of its {8 + size:,} bytes")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

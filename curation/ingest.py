@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -20,9 +21,9 @@ import fsspec
 import fsspec.implementations.local
 
 from curation.errors import SourceError
-from curation.imaging import ImageDecodeError, header_size
+from curation.imaging import ImageDecodeError, check_complete, header_size
 from curation.layout import Layout
-from curation.records import Sample, count_statuses, samples_to_table
+from curation.records import Sample, count_statuses, decode_utf8, escape_surrogates, samples_to_table
 from curation.shards import DoneMarker, ShardWriter, config_hash, lineage
 from curation.sources import SOURCES, plan_source
 from curation.sources.base import Member, SourceItem, load_json, read_members
@@ -74,7 +75,7 @@ class IngestStage(Stage):
             self.layout.listings,
             lambda label, fn, tasks: ctx.map(f"images {label}", fn, tasks, max_in_flight=config.workers),
         )
-        self.skipped = plan.skipped
+        self.skipped, self.notes = plan.skipped, plan.notes
         yield Pass(
             label="images",
             folder=self.layout.images,
@@ -85,9 +86,9 @@ class IngestStage(Stage):
         )
 
     def finish(self, summaries: list) -> list[str]:
-        # Input files that are no row, by reason, beside the rows' own tallies.
+        # Input files that are no row, by reason, beside the rows' own tallies; each damaged file named once.
         summaries[-1].tally({"by_skipped": dict(self.skipped)})
-        return []
+        return [f"[images] damaged input: {note}" for note in self.notes]
 
     def outputs(self) -> list[str]:
         return [f"images: {self.layout.images.url}/"]
@@ -112,75 +113,109 @@ class IngestWriter:
         for item in items:
             wanted.extend(m for m in (item.image, item.caption, item.meta) if m is not None)
         data = dict(read_members(wanted))
-        samples = []
+        samples, repaired = [], Counter()
         with ShardWriter(self.stage_dir, shard) as writer:
             for item in sorted(items, key=lambda i: i.key):
-                sample, image = ingest_item(item, data)
+                sample, image = ingest_item(item, data, repaired)
                 samples.append(sample)
                 if image is not None:
                     writer.add(sample.key, {sample.ext: image, "json": sample.to_json()})
+            counts = count_statuses(samples) | ({"by_repaired": dict(repaired)} if repaired else {})
             done = DoneMarker(
-                shard,
-                stage="images",
-                **lineage(config_hash(self.config.semantics()), None),
-                counts=count_statuses(samples),
+                shard, stage="images", **lineage(config_hash(self.config.semantics()), None), counts=counts
             )
             return writer.commit(samples_to_table(samples), done)
 
 
-def ingest_item(item: SourceItem, data: dict[Member, bytes | Exception]) -> tuple[Sample, bytes | None]:
-    """One Sample and the image bytes to keep (None when the sample failed)."""
+def ingest_item(
+    item: SourceItem, data: dict[Member, bytes | Exception], repaired: Counter | None = None
+) -> tuple[Sample, bytes | None]:
+    """One Sample and the image bytes to keep (None when the sample failed); text that had to be repaired to be
+    stored (invalid UTF-8, lone surrogates) is counted in `repaired` by kind."""
+    mine: Counter = Counter()
     sample = Sample(
         key=item.key,
         source=item.source,
         source_id=item.source_id,
         ext=item.ext,
         original_caption=item.original_caption,
-        source_meta=json.dumps(item.source_meta, ensure_ascii=False, default=str) if item.source_meta else None,
+        source_meta=_meta_text(item.source_meta, mine) if item.source_meta else None,
     )
-    if item.image is None:
-        sample.fail(item.unavailable_reason, item.unavailable or "no image")
-        return sample, None
-    _apply_sidecars(sample, item, data)
-    image = data.get(item.image, FileNotFoundError(f"{item.image} was not read"))
-    if isinstance(image, Exception):
-        sample.fail("read_error", f"{type(image).__name__}: {image}")
-        return sample, None
-    try:
-        width, height = header_size(image)
-    except ImageDecodeError as exc:
-        sample.fail(exc.reason, str(exc))
-        return sample, None
-    if width <= 0 or height <= 0:
-        sample.fail("empty_image", f"image size is {width}x{height}")
-        return sample, None
-    sample.set_size(width, height)
+    image = _image(sample, item, data, mine)
+    for name in ("source_id", "original_caption", "error"):
+        text, escaped = escape_surrogates(getattr(sample, name))
+        if escaped:
+            setattr(sample, name, text)
+            mine["escaped_text"] += 1
+    if repaired is not None:  # counted per sample
+        repaired.update({kind: 1 for kind, n in mine.items() if n})
     return sample, image
 
 
-def _apply_sidecars(sample: Sample, item: SourceItem, data: dict[Member, bytes | Exception]) -> None:
-    """Captions and source metadata; a broken sidecar is noted in source_meta, it does not fail the image."""
+def _image(sample: Sample, item: SourceItem, data: dict[Member, bytes | Exception], repaired: Counter) -> bytes | None:
+    if item.image is None:
+        sample.fail(item.unavailable_reason, item.unavailable or "no image")
+        return None
+    if not _apply_sidecars(sample, item, data, repaired):
+        return None
+    image = data.get(item.image, FileNotFoundError(f"{item.image} was not read"))
+    if isinstance(image, Exception):
+        sample.fail("read_error", f"{type(image).__name__}: {image}")
+        return None
+    try:
+        check_complete(image)  # first: a cut file may not even open, and its reason is that it was cut
+        width, height = header_size(image)
+    except ImageDecodeError as exc:
+        sample.fail(exc.reason, str(exc))
+        return None
+    if width <= 0 or height <= 0:
+        sample.fail("empty_image", f"image size is {width}x{height}")
+        return None
+    sample.set_size(width, height)
+    return image
+
+
+def _apply_sidecars(sample: Sample, item: SourceItem, data: dict[Member, bytes | Exception], repaired: Counter) -> bool:
+    """Captions and source metadata. A metadata file that does not parse fails its sample (`bad_sidecar`): it is
+    the sample's provenance (url, alt-text, SA-1B's image record). False when the sample failed."""
     if item.caption is not None:
         raw = data.get(item.caption)
         if isinstance(raw, bytes):
-            sample.original_caption = raw.decode("utf-8", errors="replace").strip()
+            text, invalid = decode_utf8(raw)
+            repaired["invalid_utf8"] += invalid
+            sample.original_caption = text.strip()
     if item.meta is None:
-        return
+        return True
     raw = data.get(item.meta)
+    name = item.meta.member or item.meta.container
     try:
         meta = load_json(raw) if isinstance(raw, bytes) else {}
-    except ValueError as exc:
-        sample.source_meta = json.dumps({"meta_error": f"unreadable {item.meta.member or item.meta.container}: {exc}"})
-        return
+    except RecursionError:
+        sample.fail("bad_sidecar", f"{name}: JSON nested too deep to read")
+        return False
+    except ValueError as exc:  # JSONDecodeError, invalid UTF-8, not an object
+        sample.fail("bad_sidecar", f"{name}: not a JSON object ({exc})")
+        return False
     if item.source == "sa1b":
         source_id, kept = sa1b_meta(meta)
         sample.source_id = source_id or sample.source_id
-        sample.source_meta = json.dumps(kept)
+        sample.source_meta = _meta_text(kept, repaired)
     else:  # img2dataset: url, alt-text and the downloader's own fields
         sample.source_id = str(meta.get("url") or sample.source_id)
         if "caption" in meta:  # the json keeps a null caption null; its .txt holds "" for it
             sample.original_caption = None if meta["caption"] is None else str(meta["caption"])
-        sample.source_meta = json.dumps(meta, ensure_ascii=False, default=str)
+        sample.source_meta = _meta_text(meta, repaired)
+    return True
+
+
+def _meta_text(meta: dict, repaired: Counter) -> str:
+    """Metadata as JSON text; strings that UTF-8 cannot encode (lone surrogates from `\\ud800` escapes) stay
+    escaped in the JSON, and are counted."""
+    text = json.dumps(meta, ensure_ascii=False, default=str)
+    if escape_surrogates(text)[1]:
+        repaired["escaped_text"] += 1
+        return json.dumps(meta, default=str)  # ASCII: every such character as a \\uXXXX escape
+    return text
 
 
 def run_ingest(output: str, config: IngestConfig, **kw) -> StageRun:

@@ -22,6 +22,11 @@ SCHEMA_VERSION = 1
 # "skipped" is a sound sample a stage chose not to process (reason "duplicate": not the kept member of its dedup group).
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
+# The text paths (noun counting, the report's plots and gallery, T5 tokenisation) read a caption's first
+# MAX_CAPTION_CHARS characters: a 1 MB caption then costs what an ordinary one does. Dense LLaVA captions are
+# ~1,000 characters and PixArt-Sigma's 300 T5 tokens ~1,500, so the bound changes no ordinary caption.
+MAX_CAPTION_CHARS = 4096
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
 
@@ -115,6 +120,26 @@ def json_schema() -> dict[str, Any]:
         "required": [f.name for f in fields(Sample) if f.default is dataclasses.MISSING],
         "additionalProperties": False,
     }
+
+
+def decode_utf8(raw: bytes) -> tuple[str, bool]:
+    """Text from upstream bytes: `(text, invalid)`, invalid UTF-8 sequences replaced by U+FFFD."""
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
+def escape_surrogates(text: str | None) -> tuple[str | None, bool]:
+    """`(text, escaped)`: lone surrogates (a JSON `\\ud800` escape decodes to one) cannot be written as UTF-8, so
+    they become the visible escape text `\\ud800`; any other text is returned as it is."""
+    if text is None or text.isascii():
+        return text, False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8"), True
+    return text, False
 
 
 def samples_to_table(samples: list[Sample]) -> pa.Table:

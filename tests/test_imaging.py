@@ -38,14 +38,14 @@ def _expected(entry: dict) -> tuple[str, tuple[int, int] | None]:
             return "unidentified", None
         if entry["open"].startswith("DecompressionBombError"):
             return "decompression_bomb", None
-        return ("truncated" if "Truncated" in entry["open"] else "decode_error"), None
+        return ("truncated_image" if "Truncated" in entry["open"] else "decode_error"), None
     w, h, orient = int(opened[2]), int(opened[3]), opened[5]
     if entry["file"].endswith((".tif", ".tiff")):
         orient = "1"  # Pillow reports TIFF sizes as displayed already
     if w * h > DEFAULT_MAX_PIXELS:
         return "too_many_pixels", None
     if entry["load"] != "ok":
-        return ("truncated" if "truncated" in entry["load"] else "decode_error"), None
+        return ("truncated_image" if "truncated" in entry["load"] else "decode_error"), None
     return "ok", ((h, w) if orient in ("5", "6", "7", "8") else (w, h))
 
 
@@ -88,7 +88,7 @@ def test_header_size_agrees_with_pillow(entry: dict) -> None:
     except Exception:
         with pytest.raises(ImageDecodeError) as err:
             header_size(data)
-        assert err.value.reason in ("unidentified", "truncated", "decode_error")
+        assert err.value.reason in ("unidentified", "truncated_image", "decode_error")
         return
     assert header_size(data) == expected
 

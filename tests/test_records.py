@@ -23,7 +23,7 @@ def test_sample_round_trips_through_parquet_and_json(tmp_path):
     a = Sample(key="sa_1", source="sa1b", source_id="1", ext="jpg", original_caption="héllo ✓")
     a.set_size(width=1500, height=2250)
     b = Sample(key="x", source="folder", source_id="x.png", ext="png")
-    b.fail("truncated", "image file is truncated")
+    b.fail("truncated_image", "image file is truncated")
     pq.write_table(samples_to_table([a, b]), tmp_path / "i.parquet")
     table = pq.read_table(tmp_path / "i.parquet")
     assert table.schema.equals(arrow_schema(), check_metadata=False)

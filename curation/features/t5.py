@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from curation.features import resolve_device, resolve_dtype
+from curation.records import MAX_CAPTION_CHARS
 
 # PixArt-alpha's cleaning (DeepFloyd IF's `clean_caption`) runs ~40 rules needing bs4 and ftfy; those kept
 # here change what T5 sees on web alt-text: case, URLs, HTML markup and entities, LAION's <PERSON>.
@@ -78,7 +79,10 @@ class T5Features:
         return int(self.model.config.d_model)
 
     def prepare(self, texts: Sequence[str]) -> list[str]:
-        return [clean_caption(t) for t in texts] if self.config.clean_caption else list(texts)
+        """What the tokenizer sees: each text's first MAX_CAPTION_CHARS characters (a 1 MB caption costs what an
+        ordinary one does; 300 tokens span ~1,500), cleaned when the config says so."""
+        texts = [t[:MAX_CAPTION_CHARS] for t in texts]
+        return [clean_caption(t) for t in texts] if self.config.clean_caption else texts
 
     def token_counts(self, texts: Sequence[str]) -> np.ndarray:
         """Tokens per (prepared) text before truncation, EOS included: > max_length means truncated."""

@@ -37,6 +37,7 @@ from curation.sources.listing import check_keys, listing_about, read_listing, sc
 # The registry also feeds the CLI's --source choices.
 SOURCES: dict[str, Any] = {"folder": folder, "sa1b": sa1b, "img2dataset": img2dataset, "journeydb": journeydb}
 KEYS_PER_PASS = 4_000_000  # keys one key-check task holds (Arrow strings: ~100 MB)
+MAX_NOTES = 20  # problem lines the driver keeps and prints; the rest are counted (and kept in each listing)
 
 MapTasks = Callable[[str, Callable[..., Any], list[tuple[str, tuple]]], dict[str, Any]]
 
@@ -47,6 +48,7 @@ class SourcePlan:
 
     units: list[tuple[Unit, str, int]]
     skipped: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)  # damaged input files, one line each (at most MAX_NOTES)
 
     @property
     def samples(self) -> int:
@@ -82,13 +84,21 @@ def plan_source(name: str, input_url: str, listings: Callable[[str], str], map_t
     units = _unique_ids(units)
     files = {u.id: f"{listings('units')}/{u.id}.parquet" for u in units}
     listed = map_tasks("listing", list_unit, [(u.id, (name, u, files[u.id])) for u in units])
+    notes, more = [], 0
     for result in listed.values():
         skipped.update(result["skipped"])
-    plan = SourcePlan([(u, files[u.id], listed[u.id]["items"]) for u in units], +skipped)
+        kept = result["notes"][: max(0, MAX_NOTES - len(notes))]
+        notes += kept
+        more += result["notes_total"] - len(kept)
+    if more:
+        notes.append(f"... and {more} more problem(s) with input files, noted in {listings('units')}/*.parquet")
+    plan = SourcePlan([(u, files[u.id], listed[u.id]["items"]) for u in units], +skipped, notes)
     if plan.samples == 0:
         found = ", ".join(f"{k}={v}" for k, v in sorted(plan.skipped.items()))
         raise SourceError(
-            f"no images found for source {name!r} under {input_url}" + (f" (skipped: {found})" * bool(found))
+            f"no images found for source {name!r} under {input_url}"
+            + (f" (skipped: {found})" * bool(found))
+            + (f"; {notes[0]}" if notes else "")
         )
     parts = math.ceil(plan.samples / KEYS_PER_PASS)
     urls = [listing for _, listing, n in plan.units if n]
@@ -129,15 +139,15 @@ def list_unit(source: str, unit: Unit, listing: str) -> dict[str, Any]:
     fingerprint = unit_fingerprint(source, unit)
     about = listing_about(listing)
     if about and about.get("fingerprint") == fingerprint:
-        return {"items": about["items"], "skipped": about["skipped"]}
-    items, skipped = SOURCES[source].list_unit(unit)
+        return {k: about[k] for k in ("items", "skipped", "notes", "notes_total")}
+    items, skipped, notes = SOURCES[source].list_unit(unit)
     check_unique(items)
-    result = {"items": len(items), "skipped": dict(skipped)}
+    result = {"items": len(items), "skipped": dict(skipped), "notes": notes[:MAX_NOTES], "notes_total": len(notes)}
     write_listing(listing, items, {"fingerprint": fingerprint, **result})
     return result
 
 
-LISTING_VERSION = 1  # bump when what a listing holds changes: older listings are then made again
+LISTING_VERSION = 2  # bump when what a listing holds changes: older listings are then made again
 
 
 def unit_fingerprint(source: str, unit: Unit) -> str:

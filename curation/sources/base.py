@@ -7,13 +7,13 @@ files). Workers list a unit's members into `SourceItem`s and, later, read the by
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import re
-import tarfile
-import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from curation.errors import SourceError
 from curation.records import safe_key
 from curation.shards import read_parquet
+from curation.sources.tar import walk_tar
 
 IMAGE_EXTENSIONS = {
     "jpg", "jpeg", "jpe", "jfif", "png", "apng", "mpo", "webp", "gif", "bmp", "tif", "tiff", "ico", "jp2", "j2k",
@@ -143,76 +144,61 @@ def check_member_name(archive: str, name: str) -> None:
         raise SourceError(f"unsafe member name {name!r} in {archive}: refusing this archive")
 
 
-def list_tar(url: str) -> list[tuple[str, Member]]:
-    """(member name, Member) for each regular file of a tar, checked for unsafe names."""
+MAX_MEMBER_BYTES = 256 * 2**20  # a file larger than this is a failed row (`too_large`), never read into memory
+
+
+@dataclass
+class Listing:
+    """A source shard's files as a listing task finds them: the readable ones and what is wrong with the rest."""
+
+    members: list[tuple[str, Member]]  # (name, Member) of every file, damaged ones included
+    damaged: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (reason, message): not readable
+    skipped: Counter = field(default_factory=Counter)  # entries that are no sample (links, empty archives...)
+    notes: list[str] = field(default_factory=list)  # one line per problem, naming the file
+
+
+def list_tar(url: str) -> Listing:
+    """Every file of a tar (see `curation.sources.tar`), checked for unsafe names."""
     fs, path = fsspec.core.url_to_fs(url)
     compressed = path.endswith((".tgz", ".tar.gz"))
     # A local plain tar is walked header to header, seeking over the data: listing a 10 GB SA-1B tar reads its
     # ~22k headers, not 10 GB. Compressed or remote archives are streamed: one sequential pass is their cheapest read.
     seekable = not compressed and isinstance(fs, fsspec.implementations.local.LocalFileSystem)
-    mode = "r:" if seekable else ("r|gz" if compressed else "r|")
-    try:
-        with fs.open(path, "rb") as f:
-            end = fs.size(path) if seekable else None
-            if seekable:
-                plain = _plain_headers(f, url, end)
-                if plain is not None:
-                    return plain
-                f.seek(0)
-            out = []
-            with tarfile.open(fileobj=f, mode=mode) as tar:
-                for info in tar:
-                    check_member_name(url, info.name)
-                    if info.isfile():
-                        out.append((info.name, _data_member(url, info.name, info.offset_data, info.size, end)))
-            if compressed:
-                out = [(name, Member(url, name, None, m.size)) for name, m in out]
-            return out
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        # A truncated download or a file that only bears the name: the listing is unusable, so stop, naming it.
-        raise SourceError(f"cannot read {url} as a tar archive: {exc or type(exc).__name__}") from exc
+    with fs.open(path, "rb") as raw:
+        f = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+        walk = walk_tar(f, url, end=fs.size(path) if seekable else None, compressed=compressed,
+                        max_size=MAX_MEMBER_BYTES)  # fmt: skip
+    members = []
+    for name, offset, size in walk.files:
+        check_member_name(url, name)
+        members.append((name, Member(url, name, None if compressed else offset, size)))
+    return Listing(members, walk.damaged, walk.skipped, walk.notes)
 
 
-def _data_member(url: str, name: str, offset: int, size: int, end: int | None) -> Member:
-    if end is not None and offset + size > end:  # seeking, a cut tail goes unnoticed
-        raise tarfile.ReadError(f"unexpected end of data in {name!r}")
-    return Member(url, name, offset, size)
+def list_loose(listing: str) -> Listing:
+    """The loose files a scanning task found in one folder, as a Listing (files over the size cap are damaged)."""
+    members, damaged = [], {}
+    for url, size in read_loose_listing(listing):
+        members.append((url, Member(url)))
+        if size > MAX_MEMBER_BYTES:
+            damaged[url] = ("too_large", f"{url} is {size:,} bytes, over the {MAX_MEMBER_BYTES:,} cap")
+    return Listing(members, damaged)
 
 
-_BLOCK = 512
-_REGULAR, _OTHER = (b"0", b"\0", b"7"), (b"1", b"2", b"3", b"4", b"5", b"6")
-
-
-def _plain_headers(f, url: str, end: int) -> list[tuple[str, Member]] | None:
-    """The members of a tar whose headers are all plain ustar/GNU ones (what img2dataset, webdataset and SA-1B
-    write), read straight from the 512-byte headers: ~10x faster than `tarfile`'s object per member. None for
-    anything else (long names, pax headers, sparse files, a bad checksum): `tarfile` then reads the archive."""
-    out, pos = [], 0
-    while True:
-        f.seek(pos)
-        header = f.read(_BLOCK)
-        if not header or header == bytes(_BLOCK):
-            return out
-        if len(header) < _BLOCK or header[124] & 0x80:  # a cut header, or a base-256 size: tarfile decides
-            return None
-        try:
-            checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            return None
-        kind = header[156:157]
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]) or kind not in _REGULAR + _OTHER:
-            return None
-        if kind in _OTHER and size:  # a link or folder that carries data: unusual enough to leave to tarfile
-            return None
-        name = header[:100].split(b"\0", 1)[0]
-        if header[257:262] == b"ustar" and header[345] != 0:
-            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
-        text = name.decode("utf-8", "surrogateescape")
-        check_member_name(url, text)
-        if kind in _REGULAR and not (kind == b"\0" and text.endswith("/")):
-            out.append((text, _data_member(url, text, pos + _BLOCK, size, end)))
-        pos += _BLOCK + -(-size // _BLOCK) * _BLOCK
+def apply_damage(items: list[SourceItem], damaged: dict[str, tuple[str, str]]) -> list[SourceItem]:
+    """Items any of whose files (image or sidecar) cannot be read become failed rows with that file's reason."""
+    if not damaged:
+        return items
+    out = []
+    for item in items:
+        names = [m.member or m.container for m in (item.image, item.caption, item.meta) if m is not None]
+        hit = next((damaged[n] for n in names if n in damaged), None)
+        if hit is not None:
+            item = dataclasses.replace(
+                item, image=None, caption=None, meta=None, unavailable=hit[1], unavailable_reason=hit[0]
+            )
+        out.append(item)
+    return out
 
 
 def read_loose_listing(url: str) -> list[tuple[str, int]]:
@@ -274,14 +260,16 @@ def _read_container(container: str, group: list[Member]) -> Iterator[tuple[Membe
                     f.seek(m.offset)
                     data = f.read(m.size)
                     yield pending.pop(id(m)), data
-        else:  # compressed archive: one streaming pass
-            wanted = {m.member: m for m in group}
-            with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                for info in tar:
-                    if info.name in wanted:
-                        m = wanted.pop(info.name)
-                        yield pending.pop(id(m)), tar.extractfile(info).read()
-    except (OSError, tarfile.TarError, ValueError) as exc:
+        else:  # compressed archive: one streaming pass, to the end (its CRC is checked there)
+            with fs.open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                walk = walk_tar(f, container, end=None, compressed=True, max_size=MAX_MEMBER_BYTES,
+                                wanted={m.member for m in group})  # fmt: skip
+            for m in group:
+                if m.member in walk.data:
+                    yield pending.pop(id(m)), walk.data[m.member]
+                elif m.member in walk.damaged:
+                    yield pending.pop(id(m)), ValueError(walk.damaged[m.member][1])
+    except (OSError, EOFError, ValueError) as exc:
         for m in pending.values():
             yield m, exc
         return

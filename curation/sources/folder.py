@@ -25,9 +25,10 @@ from curation.sources.base import (
     SourceError,
     SourceItem,
     Unit,
+    apply_damage,
     file_ext,
     image_ext,
-    read_loose_listing,
+    list_loose,
     suffix_of,
     unit_id,
 )
@@ -54,8 +55,9 @@ def plan(dirs: list[ScannedDir], input_url: str) -> tuple[list[Unit], Counter]:
     return units, skipped
 
 
-def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:
-    files = read_loose_listing(unit.listing)
+def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter, list[str]]:
+    listing = list_loose(unit.listing)
+    files = [(url, m) for url, m in listing.members]
     skipped: Counter = Counter()
     texts = {url[: -len(".txt")] for url, _ in files if url.endswith(".txt")}
     images: list[tuple[str, str]] = []  # (url, ext)
@@ -85,7 +87,7 @@ def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:
                 caption=Member(_stem(url) + ".txt") if _stem(url) in texts else None,
             )
         )
-    return items, +skipped
+    return apply_damage(items, listing.damaged), +skipped, []
 
 
 def _stem(url: str) -> str:

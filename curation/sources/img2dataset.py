@@ -6,8 +6,10 @@
 
 Keys are img2dataset's digits (shard + index). The alt-text is the original caption (a null caption stays null);
 the url is the source id. Rows whose download or resize failed are kept as failed samples with img2dataset's own
-status as the reason (`failed_to_download`, `failed_to_resize`) and its error message, so the index accounts for
-every url.
+status as the reason (`failed_to_download`, `failed_to_resize`) and its error message, and a key the parquet
+lists as a success that the tar or folder does not hold is a failed row `missing_image`, so the index accounts for
+every url. A parquet beside a tar that cannot be read is counted (`unreadable_sidecar`) and the tar's own samples
+are ingested; a lone parquet that cannot be read is a damaged source shard (`damaged_archive`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections import Counter
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.sources.base import (
@@ -27,9 +30,10 @@ from curation.sources.base import (
     SourceError,
     SourceItem,
     Unit,
+    apply_damage,
     image_ext,
+    list_loose,
     list_tar,
-    read_loose_listing,
     stem_of,
     unit_id,
 )
@@ -68,16 +72,13 @@ def plan(dirs: list[ScannedDir], input_url: str) -> tuple[list[Unit], Counter]:
     return units, skipped
 
 
-def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:
+def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter, list[str]]:
     if unit.kind == "parquet":
-        return _list_parquet(unit.url), Counter()
-    if unit.kind == "tar":
-        entries = list_tar(unit.url)
-    else:
-        entries = [(url, Member(url)) for url, _ in read_loose_listing(unit.listing)]
-    by_name = dict(entries)
-    items, skipped = [], Counter()
-    for name, member in entries:
+        return _list_parquet(unit.url)
+    listing = list_tar(unit.url) if unit.kind == "tar" else list_loose(unit.listing)
+    by_name = dict(listing.members)
+    items, skipped, notes = [], Counter(listing.skipped), list(listing.notes)
+    for name, member in listing.members:
         ext = image_ext(name)
         if ext is None:
             skipped["not_an_image"] += not name.endswith((".txt", ".json"))
@@ -97,24 +98,45 @@ def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:
                 meta=by_name.get(stem + ".json"),
             )
         )
+    items = apply_damage(items, listing.damaged)
     if unit.sidecar:
+        rows, problem = _sidecar_rows(unit.sidecar)
+        if problem:  # the archive's own samples stand; the downloads it failed are not known
+            skipped["unreadable_sidecar"] += 1
+            notes.append(f"{unit.sidecar}: {problem}; the samples of {unit.url} are ingested without it")
         present = {i.key for i in items}
-        items.extend(_failed(row) for row in _rows(unit.sidecar) if row.get("key") not in present and _is_failed(row))
-    return items, +skipped
+        skipped["row_without_key"] += sum(row["key"] is None for row in rows)
+        for row in rows:
+            if row["key"] is None or str(row["key"]) in present:
+                continue
+            # A key the downloader reports as a success that the archive does not deliver was lost on the way
+            # (a damaged or cut archive, a deleted file): a failed row with what the parquet knows of it.
+            lost = f"{row['key']} is a success in {unit.sidecar} but {unit.url} does not hold its image"
+            items.append(_failed(row) if _is_failed(row) else _failed(row, "missing_image", lost))
+    return items, +skipped, notes
 
 
-def _list_parquet(url: str) -> list[SourceItem]:
+def _list_parquet(url: str) -> tuple[list[SourceItem], Counter, list[str]]:
     fs, path = fsspec.core.url_to_fs(url)
-    with fs.open(path, "rb") as f:
-        schema = pq.ParquetFile(f).schema_arrow
+    try:
+        with fs.open(path, "rb") as f:
+            schema = pq.ParquetFile(f).schema_arrow
+    except (pa.ArrowException, OSError) as exc:  # damage, not a layout mistake: counted, the other shards go on
+        return [], Counter(damaged_archive=1), [f"{url} is not a readable parquet file ({exc})"]
     column = next((c for c in _IMAGE_COLUMNS if c in schema.names), None)
     if column is None or "key" not in schema.names:
         raise SourceError(
-            f"{url} has no image column ({'/'.join(_IMAGE_COLUMNS)}) and no NNNNN.tar or NNNNN/ beside it: not an "
-            "img2dataset shard"
+            f"{url} has no image column ({'/'.join(_IMAGE_COLUMNS)}) or no key column, and no NNNNN.tar or NNNNN/ "
+            "beside it: not an img2dataset shard"
         )
     items = []
-    for i, row in enumerate(_rows(url, without=column)):
+    try:
+        rows = _rows(url, without=column)
+    except (pa.ArrowException, OSError) as exc:
+        return [], Counter(damaged_archive=1), [f"{url} is not a readable parquet file ({exc})"]
+    for i, row in enumerate(rows):
+        if row["key"] is None:
+            continue
         if _is_failed(row):
             items.append(_failed(row))
             continue
@@ -129,7 +151,19 @@ def _list_parquet(url: str) -> list[SourceItem]:
                 source_meta=row,
             )
         )
-    return items
+    missing = sum(row["key"] is None for row in rows)
+    return items, Counter(row_without_key=missing) if missing else Counter(), []
+
+
+def _sidecar_rows(url: str) -> tuple[list[dict[str, Any]], str | None]:
+    """The img2dataset parquet's rows that have a key, or none and what is wrong with the file."""
+    try:
+        rows = _rows(url)
+    except (pa.ArrowException, OSError) as exc:
+        return [], f"not a readable parquet file ({exc})"
+    if rows and "key" not in rows[0]:
+        return [], "no `key` column"
+    return rows, None
 
 
 def _rows(url: str, without: str | None = None) -> list[dict[str, Any]]:
@@ -145,8 +179,8 @@ def _is_failed(row: dict[str, Any]) -> bool:
     return row.get("status") not in (None, "success")
 
 
-def _failed(row: dict[str, Any]) -> SourceItem:
-    status = str(row.get("status") or "missing_image")
+def _failed(row: dict[str, Any], reason: str | None = None, message: str | None = None) -> SourceItem:
+    status = reason or str(row.get("status") or "missing_image")
     return SourceItem(
         key=str(row["key"]),
         source="img2dataset",
@@ -155,6 +189,6 @@ def _failed(row: dict[str, Any]) -> SourceItem:
         image=None,
         original_caption=row.get("caption"),
         source_meta=row,
-        unavailable=str(row.get("error_message") or status),
+        unavailable=message or str(row.get("error_message") or status),
         unavailable_reason=status,
     )

@@ -35,9 +35,10 @@ from curation.sources.base import (
     SourceError,
     SourceItem,
     Unit,
+    apply_damage,
     image_ext,
+    list_loose,
     list_tar,
-    read_loose_listing,
     stem_of,
     suffix_of,
     unit_id,
@@ -154,13 +155,11 @@ def _lines(url: str) -> Iterator[tuple[str, str]]:
             yield f"{url}:{n}", line
 
 
-def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:
-    if unit.kind == "tar":
-        entries = list_tar(unit.url)
-    else:
-        entries = [(url, Member(url)) for url, _ in read_loose_listing(unit.listing)]
+def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter, list[str]]:
+    listing = list_tar(unit.url) if unit.kind == "tar" else list_loose(unit.listing)
+    entries = listing.members
     annotations = _read_part(unit.annotations)
-    skipped: Counter = Counter()
+    skipped = Counter(listing.skipped)
     images: dict[str, Member] = {}
     for name, member in entries:
         if image_ext(name) is None:
@@ -186,7 +185,7 @@ def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:
                 unavailable=None if member else f"image {row['img_path']} not found in {unit.url}",
             )
         )
-    return items, +skipped
+    return apply_damage(items, listing.damaged), +skipped, listing.notes
 
 
 def _read_part(url: str) -> dict[str, dict]:

@@ -13,14 +13,14 @@ from curation.sources.base import (
     ANNOTATION_SUFFIXES,
     ARCHIVE_SUFFIXES,
     IMAGE_EXTENSIONS,
-    Member,
     ScannedDir,
     SourceError,
     SourceItem,
     Unit,
+    apply_damage,
     image_ext,
+    list_loose,
     list_tar,
-    read_loose_listing,
     stem_of,
     suffix_of,
     unit_id,
@@ -48,12 +48,10 @@ def plan(dirs: list[ScannedDir], input_url: str) -> tuple[list[Unit], Counter]:
     return units, skipped
 
 
-def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:
-    if unit.kind == "tar":
-        entries = list_tar(unit.url)
-    else:
-        entries = [(url, Member(url)) for url, _ in read_loose_listing(unit.listing)]
-    skipped: Counter = Counter()
+def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter, list[str]]:
+    listing = list_tar(unit.url) if unit.kind == "tar" else list_loose(unit.listing)
+    entries = listing.members
+    skipped = Counter(listing.skipped)
     jsons = {name.rsplit("/", 1)[-1][: -len(".json")]: m for name, m in entries if name.endswith(".json")}
     items, others = [], []
     for name, member in entries:
@@ -81,7 +79,7 @@ def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter]:
             "--source img2dataset, for other images --source folder"
         )
     skipped["not_named_sa_id"] += len(others)
-    return items, +skipped
+    return apply_damage(items, listing.damaged), +skipped, listing.notes
 
 
 def sa1b_meta(meta: dict) -> tuple[str | None, dict]:

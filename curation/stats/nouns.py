@@ -3,7 +3,9 @@
 Noun rule (as in the paper, with NLTK): split the caption into sentences with punkt_tab
 (``nltk.sent_tokenize``); tokenize each sentence with ``nltk.word_tokenize`` and tag it with
 ``nltk.pos_tag`` (the averaged-perceptron English tagger); a token is a noun when its tag is NN, NNS,
-NNP or NNPS, and it is counted on its lower-cased word. DN is the number of distinct nouns, VN the
+NNP or NNPS, and it is counted on its lower-cased word. A caption is read up to its first
+``MAX_CAPTION_CHARS`` (4,096) characters, by both paths, so a pathological caption costs what an ordinary
+one does. DN is the number of distinct nouns, VN the
 number of distinct nouns seen more than ``valid_threshold`` (10) times, and the average is nouns per image.
 
 ``reference_nouns`` is that rule written plainly and kept as the oracle. ``NounExtractor`` is the
@@ -33,6 +35,8 @@ from nltk.tag.perceptron import PerceptronTagger
 from nltk.tokenize.destructive import NLTKWordTokenizer
 from nltk.tokenize.punkt import PunktLanguageVars, PunktTokenizer
 
+from curation.records import MAX_CAPTION_CHARS
+
 NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
 VALID_THRESHOLD = 10  # the paper's "valid distinct nouns appear more than 10 times"
 
@@ -40,7 +44,7 @@ VALID_THRESHOLD = 10  # the paper's "valid distinct nouns appear more than 10 ti
 def reference_nouns(caption: str) -> list[str]:
     """Nouns of ``caption`` by the paper's rule, through NLTK's public functions only (the oracle)."""
     nouns: list[str] = []
-    for sentence in nltk.sent_tokenize(caption):
+    for sentence in nltk.sent_tokenize(caption[:MAX_CAPTION_CHARS]):
         for word, tag in nltk.pos_tag(nltk.word_tokenize(sentence)):
             if tag in NOUN_TAGS:
                 nouns.append(word.lower())
@@ -228,8 +232,12 @@ class NounExtractor:
         self._memo_max_chars = memo_max_chars
 
     def nouns(self, caption: str) -> list[str]:
-        """Lower-cased nouns of ``caption`` in text order (repeats kept)."""
-        return [noun for sentence in self._punkt.tokenize(caption) for noun in self._sentence_nouns(sentence)]
+        """Lower-cased nouns of ``caption`` (its first MAX_CAPTION_CHARS characters) in text order, repeats kept."""
+        return [
+            noun
+            for sentence in self._punkt.tokenize(caption[:MAX_CAPTION_CHARS])
+            for noun in self._sentence_nouns(sentence)
+        ]
 
     def _sentence_nouns(self, sentence: str) -> tuple[str, ...]:
         nouns = self._sentences.get(sentence)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from curation.records import MAX_CAPTION_CHARS
 from curation.stats.nouns import VALID_THRESHOLD, NounStats
 
 # Table 1 of PixArt-alpha (arXiv 2310.00426) as published: rounded there, so kept as printed. The paper
@@ -31,6 +32,7 @@ PAPER_ROWS: tuple[dict[str, Any], ...] = (
 )  # fmt: skip
 
 TOP_NOUNS = 30
+LABEL_CHARS = 24  # a plot label longer than this is cut (a 1 MB "noun" would cost minutes to lay out)
 _RANK_POINTS = 2000  # rank-frequency curves are drawn on at most this many log-spaced ranks
 
 
@@ -139,7 +141,7 @@ def _plot_top_nouns(path: Path, stats: Mapping[str, NounStats]) -> None:
         if top:
             words, counts = zip(*top, strict=True)
             ax.barh(range(len(top)), counts)
-            ax.set_yticks(range(len(top)), labels=words)
+            ax.set_yticks(range(len(top)), labels=[_label(w) for w in words])
             ax.invert_yaxis()
         else:
             _no_data(ax)
@@ -147,6 +149,10 @@ def _plot_top_nouns(path: Path, stats: Mapping[str, NounStats]) -> None:
     if not stats:
         _no_data(axes[0])
     fig.savefig(path, format="png", dpi=100)
+
+
+def _label(word: str) -> str:
+    return word if len(word) <= LABEL_CHARS else word[: LABEL_CHARS - 1] + "…"
 
 
 def _bucket_order(key: str) -> tuple[int, float, str]:
@@ -192,7 +198,7 @@ def _gallery_html(report_dir: Path, gallery: Sequence[Mapping[str, Any]]) -> str
             (thumbs / f"{i:04d}.png").write_bytes(item["thumbnail_png"])
             img = f'<img src="gallery/{i:04d}.png" alt="{html.escape(str(item.get("key", "")))}">'
         fields = "".join(
-            f'<p class="{cls}"><b>{label}</b> {html.escape(str(item.get(field) or ""))}</p>'
+            f'<p class="{cls}"><b>{label}</b> {html.escape(str(item.get(field) or "")[:MAX_CAPTION_CHARS])}</p>'
             for cls, label, field in (
                 ("key", "key", "key"),
                 ("status", "status", "caption_status"),

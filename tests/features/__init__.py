@@ -59,7 +59,7 @@ def make_caption_shards(output: Path, n_ok: int = 6, per_shard: int = 5) -> dict
     s.set_size(*header_size(tall))
     items.append((s, tall, "tall"))
     s = Sample(key="zz_failed", source="folder", source_id="x.jpg", ext="jpg")
-    s.fail("truncated", "image file is truncated")
+    s.fail("truncated_image", "image file is truncated")
     items.append((s, None, "failed_upstream"))
     data = photos[n_ok + 1].read_bytes()
     s = Sample(key="zz_nocaption", source="folder", source_id="n.jpg", ext="jpg", original_caption="alt")

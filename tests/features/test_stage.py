@@ -66,7 +66,7 @@ def test_t5_sidecar_holds_features_masks_and_failure_rows(made, models):
     assert [d.extra["sidecars_written"] for d in dones] == [["t5", "vae256ms"]] * 2
     rows, members = _rows(out, "t5"), _members(out, "t5")
     assert rows.keys() == outcomes.keys()  # one row per sample, failures included
-    assert rows["zz_failed"]["status"] == "failed" and rows["zz_failed"]["error_reason"] == "truncated"
+    assert rows["zz_failed"]["status"] == "failed" and rows["zz_failed"]["error_reason"] == "truncated_image"
     assert rows["zz_nocaption"]["error_reason"] == "no_text"
     ok = [k for k, r in rows.items() if r["status"] == "ok"]
     assert set(ok) == {k for k, o in outcomes.items() if o in ("ok", "tall", "corrupt")} == members.keys()
@@ -84,7 +84,7 @@ def test_t5_sidecar_holds_features_masks_and_failure_rows(made, models):
 def test_vae_sidecar_latents_are_at_the_bucket_size(made, models):
     out, outcomes, config, _ = made
     rows, members = _rows(out, "vae256ms"), _members(out, "vae256ms")
-    assert rows["zz_corrupt"]["status"] == "failed" and rows["zz_corrupt"]["error_reason"] == "truncated"
+    assert rows["zz_corrupt"]["status"] == "failed" and rows["zz_corrupt"]["error_reason"] == "truncated_image"
     assert "zz_corrupt" in rows["zz_corrupt"]["error"]
     assert rows["zz_nocaption"]["status"] == "ok"  # the text failed, not the image
     captions = StageDir(f"{out}/captions")
@@ -144,7 +144,7 @@ def test_rerun_writes_nothing_and_a_new_resolution_writes_only_its_sidecar(made,
     assert dirs.done_shards() == ["00000", "00001"]
     summary = dirs.read_done("00001")
     assert summary.rows == 4 and summary.counts["by_status"] == {"ok": 1, "failed": 3}
-    assert summary.counts["by_reason"] == {"truncated": 2, "no_text": 1}
+    assert summary.counts["by_reason"] == {"truncated_image": 2, "no_text": 1}
     assert summary.complete and dirs.read_dones(["00000", "00001"])["00001"] == summary
 
 

@@ -78,3 +78,14 @@ def test_no_texts_and_unloaded_model(t5_path):
     feats, mask = f.encode([])
     assert feats.shape == (0, 120, f.dim) and mask.shape == (0, 120)
     assert f.token_counts([]).shape == (0,)
+
+
+def test_a_megabyte_caption_is_tokenised_on_its_first_characters(t5_path):
+    """What T5 sees of a caption is its first MAX_CAPTION_CHARS characters: a 1 MB caption costs an ordinary one."""
+    from curation.records import MAX_CAPTION_CHARS
+
+    f = _features(t5_path, max_length=16)
+    huge = "a red apple on a table " * 50_000
+    assert f.prepare([huge]) == f.prepare([huge[:MAX_CAPTION_CHARS]])
+    feats, mask = f.encode([huge, huge[:200]])
+    assert np.array_equal(mask[0], mask[1]) and np.allclose(feats[0], feats[1], atol=1e-5)

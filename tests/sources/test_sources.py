@@ -216,9 +216,11 @@ def test_a_key_clash_across_source_shards_is_found_by_any_pass(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT])
-def test_plain_header_walk_lists_what_tarfile_lists(tmp_path, coco_files, fmt):
-    """Listing reads plain headers itself; long names, pax headers and the like fall back to tarfile: same members."""
-    from curation.sources.base import _plain_headers, list_tar
+def test_header_walk_lists_what_tarfile_lists(tmp_path, coco_files, fmt):
+    """Listing reads tar headers itself (ustar, GNU long names, pax records), seeking or streaming: the same members
+    as tarfile, at the same offsets."""
+    from curation.sources.base import MAX_MEMBER_BYTES, list_tar
+    from curation.sources.tar import walk_tar
 
     path = tmp_path / "x.tar"
     with tarfile.open(path, "w", format=fmt) as tar:
@@ -228,13 +230,12 @@ def test_plain_header_walk_lists_what_tarfile_lists(tmp_path, coco_files, fmt):
         tar.add(coco_files[2], arcname="ü/sa_3.jpg")
     with tarfile.open(path) as tar:
         expected = [(i.name, i.offset_data, i.size) for i in tar if i.isfile()]
-    assert [(n, m.offset, m.size) for n, m in list_tar(str(path))] == expected
-    with open(path, "rb") as f:
-        plain = _plain_headers(f, str(path), path.stat().st_size)
-    if fmt == tarfile.USTAR_FORMAT:  # every header plain: read without tarfile
-        assert [(n, m.offset, m.size) for n, m in plain] == expected
-    else:  # GNU long names, pax headers: left to tarfile
-        assert plain is None
+    listing = list_tar(str(path))
+    assert [(n, m.offset, m.size) for n, m in listing.members] == expected
+    assert not listing.damaged and not listing.skipped and not listing.notes
+    with open(path, "rb") as f:  # as a remote tar is read: front to back, no seeking
+        streamed = walk_tar(f, str(path), end=None, compressed=False, max_size=MAX_MEMBER_BYTES)
+    assert streamed.files == expected
 
 
 def test_a_listing_is_kept_while_its_files_are_unchanged(tmp_path, coco_files):

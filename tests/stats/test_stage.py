@@ -115,3 +115,24 @@ def test_missing_inputs_and_empty_comparisons_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SetupError, match="has no caption statistics"):
         run_corpus_stats(str(CORPUS), "COCO", str(tmp_path / "out"), compare=(str(tmp_path / "empty"),))
+
+
+def test_a_megabyte_caption_costs_what_its_first_characters_do(tmp_path):
+    """A 1 MB caption without spaces (and one of 200k words) is counted on its first MAX_CAPTION_CHARS characters,
+    by the production path and the oracle alike, and its noun is drawn in the plots with a short label."""
+    from curation.records import MAX_CAPTION_CHARS
+
+    corpus = tmp_path / "captions.jsonl"
+    huge = ["b" * 1_000_000, "a dog on a beach. " * 60_000]
+    lines = [{"caption": c} for c in [*huge, "A cat sleeps on a sofa."]]
+    corpus.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_corpus_stats(str(corpus), "HUGE", str(tmp_path / "out"))
+    row = json.loads((tmp_path / "out" / "report" / "table1.json").read_text())[0]
+    reference = NounStats()
+    for x in lines:
+        reference.add_nouns(reference_nouns(x["caption"]))
+    assert row == reference.table1_row("HUGE")
+    words = reference_nouns(huge[1])
+    assert words == reference_nouns(huge[1][:MAX_CAPTION_CHARS]) and 400 < len(words) < 600
+    assert row["images"] == 3 and row["total_nouns"] == 1 + len(words) + 2  # "b"*4096, dog/beach, cat/sofa
+    assert (tmp_path / "out" / "report" / "top_nouns.png").stat().st_size > 0
