@@ -3,8 +3,9 @@
     OUT/images/                 ingest: original bytes, sizes, aspect-ratio buckets
     OUT/listings/{scan,units,annotations}/   ingest's plan: the input listed per source shard
     OUT/dedup/                  dedup: keep flags;  dedup/hashes/, dedup/edges/ its passes; dedup/summary.json
-    OUT/captions/               the default caption set;  OUT/captions-NAME/ another set
-    OUT/stats/                  noun-count partials of captions/;  OUT/stats-NAME/ of captions-NAME/
+    OUT/captions/               the caption set `default`;  OUT/captions-NAME/ another set (peers: text and records)
+    OUT/stats/                  noun-count partials of captions/;  OUT/stats-NAME/ of captions-NAME/;
+                                OUT/stats-original/ of the originals (images/' records) and the buckets
     OUT/features/<sidecar>/     t5, t5-<field>-<L>, vae512, vae512ms, vae512-<tag> ...
     OUT/report/                 index.html, table1.md, duplicates.html ...
     OUT/logs/<pass>/<shard>.json  one JSON line per shard run (see `curation.runner.logs`)
@@ -109,8 +110,21 @@ class Layout:
         return found
 
     def stats(self, caption_set: str = DEFAULT_SET) -> StageDir:
-        """Noun-count partials of a caption set (the default set's also count the originals)."""
+        """Noun-count partials of a caption set (an older output's default set's also count the originals)."""
         return StageDir(self.url("stats" if check_set_name(caption_set) == DEFAULT_SET else f"stats-{caption_set}"))
+
+    @property
+    def stats_original(self) -> StageDir:
+        """Noun-count partials of the originals, from `images/`' records (`original` is no set name: no clash)."""
+        return StageDir(self.url(f"stats-{ORIGINAL}"))
+
+    def missing_images(self) -> str:
+        """The one-line refusal of a stage that reads `images/` when ingest has written none."""
+        return f"no images in {self.output}: run curation ingest first"
+
+    def missing_set(self, caption_set: str) -> str:
+        """The one-line refusal of a stage asked to read a caption set that has no shards."""
+        return f"no caption set {caption_set!r} in {self.output}: run curation caption --name {caption_set} first"
 
     @property
     def features(self) -> str:

@@ -20,6 +20,7 @@ STAGES: list[tuple[str, bool]] = [
     ("curation.stats.stage:StatsStage", True),
     ("curation.features.stage:FeaturesStage", True),
     ("curation.export.pixart:ExportStage", False),
+    ("curation.export.sana:SanaStage", False),
 ]
 
 

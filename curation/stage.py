@@ -87,6 +87,8 @@ class Pass:
     semantics: dict[str, Any]  # what decides the output: its hash is in every done marker
     resources: Resources = field(default_factory=Resources)
     upstream: Upstream | None = None  # redo a shard whose input's lineage changed; drop shards with no input
+    # Config hashes of earlier releases whose shards hold what this pass writes (a superset): kept, not refused.
+    compatible: tuple[str, ...] = ()
 
 
 class RunContext(Protocol):

@@ -4,8 +4,9 @@
 
 Two source layouts (a captioned folder and an img2dataset/LAION tar) go through ingest -> caption -> stats ->
 features; the LAION output then gets a second caption set (a prompt templated with the alt-text), Table 1 with
-a row per caption set, Σ's features (300 tokens, a tiny SDXL-shaped VAE), the PixArt-α and PixArt-Σ exports and
-one batch of the bucket-aware loader. The models are random and tiny, so
+a row per caption set, Σ's features (300 tokens, a tiny SDXL-shaped VAE), the PixArt-α and PixArt-Σ exports, one
+batch of the bucket-aware loader, and Sana's webdataset export with DC-AE latents (a tiny AutoencoderDC).
+The models are random and tiny, so
 the captions are noise: the demo shows the machinery. The real-model command is printed at the end.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from curation.caption.model import CaptionConfig
 from curation.caption.stage import CaptionStageConfig, run_caption
 from curation.export.pixart import export_pixart
+from curation.export.sana import SanaConfig, run_export_sana
 from curation.features.stage import SIGMA_MAX_LENGTH, FeaturesConfig, run_features
 from curation.ingest import IngestConfig
 from curation.layout import Layout
@@ -45,7 +47,11 @@ PixArt-Σ from the same output: a dense caption set, 300-token T5 features of bo
   curation features --output /data/sa1b-curated --field dense --max-length 300 \\
       --vae madebyollin/sdxl-vae-fp16-fix --vae-tag sdxl --resolutions 1024 --multiscale
   curation export-pixart --output /data/sa1b-curated --to /data/pixart-sigma/InternData --format sigma \\
-      --sharegpt4v-field dense --vae-tag sdxl --resolution 1024 --multiscale"""
+      --sharegpt4v-field dense --vae-tag sdxl --resolution 1024 --multiscale
+Sana from the same output: DC-AE latents at each bucket, then its webdataset shards:
+  curation features --output /data/sa1b-curated --field dense --max-length 300 \\
+      --vae mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers --vae-tag dcae --resolutions 1024 --multiscale
+  curation export-sana --output /data/sa1b-curated --to /data/sana --prompt-field dense --vae-tag dcae --multiscale"""
 TEMPLATE = "Describe this image, knowing its alt-text: {original}"
 
 
@@ -99,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         for multiscale in (False, True):
             counts = export_pixart(laion, pixart_sigma, 512, multiscale, format="sigma", vae_tag="sdxl")
             print(f"[export-pixart sigma 512{' multiscale' if multiscale else ''}] {counts}")
+        # Sana: DC-AE latents (32 channels, /32) at each bucket of base 512, then its webdataset layout.
+        dcae = dataclasses.replace(
+            features, vae=str(models["dcae"]), vae_tag="dcae", resolutions=(512,), multiscale=True
+        )
+        print("\n".join(run_features(laion, dcae, progress=False).lines()))
+        sana = out / "sana"
+        export = SanaConfig(to=str(sana), prompt_field="default", multiscale=True, vae_tag="dcae")
+        print("\n".join(run_export_sana(laion, export, progress=False).lines()))
     print("\n" + _loader_batch(out / "laion"))
     print("\n" + (out / "laion" / "report" / "table1.md").read_text().split("\n## ")[0].strip())
     print(
@@ -110,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: images/ captions/ stats/ features/  report: {reports[name]}")
     print(f"  PixArt-alpha layout: {pixart} (and {pixart.parent / 'InternImgs'})")
     print(f"  PixArt-Sigma layout: {pixart_sigma} (and {pixart_sigma.parent / 'InternImgs'})")
+    print(f"  Sana webdataset: {sana} (data_dir; wids-meta.json, external caption files NNNNN_alttext.json)")
     print("\n" + REAL_RUN)
     return 0
 

@@ -1,5 +1,7 @@
-"""Caption stage: `images/` shards -> `captions/` shards (original bytes, `<key>.txt` caption, `<key>.json` record),
-or `captions-<NAME>/` for a named caption set (`<key>.txt` and `<key>.json` only: see `curation.caption.sets`).
+"""Caption stage: `images/` shards -> a caption set's shards, `captions/` (the set `default`) or `captions-<NAME>/`:
+`<key>.txt` caption and `<key>.json` record. Every set is a peer and holds text only: the image bytes stay in
+`images/`, the one copy every later stage reads them from, unless `--self-contained` asks for them in the set's tar
+too (a training shard that needs no join). Outputs made before keep their `captions/` tars with bytes.
 
 The CPU front end works ahead of the model in two bounded thread pools: one decodes the next images, one runs the
 processor (preprocessing, tokenisation) on the next batches, so the model's thread only moves ready tensors to the
@@ -48,6 +50,10 @@ class CaptionStageConfig:
     name: str = field(
         default=DEFAULT_SET, metadata={"help": "caption set [a-z0-9_]+ (default: captions/, else captions-NAME/)"}
     )  # the caption set (its folder, not its content: not in semantics)
+    self_contained: bool = field(
+        default=False,
+        metadata={"help": "also store each image's bytes in the set's tar (default: text only; images/ has them)"},
+    )  # in semantics only when on, so the sets of earlier outputs (bytes in captions/) keep their config hash
 
     def __post_init__(self) -> None:
         Layout.captions_folder(self.name)  # refuses a malformed or reserved name
@@ -67,12 +73,12 @@ class CaptionStageConfig:
         if not self.model.do_sample:  # greedy decoding never reads them
             for unused in ("temperature", "top_p", "seed"):
                 model.pop(unused)
-        return model
+        return model | ({"self_contained": True} if self.self_contained else {})
 
 
 class CaptionStage(Stage):
     name = "caption"
-    help = "images/ -> captions/ with LLaVA (the PixArt-alpha prompt by default)"
+    help = "images/ -> a caption set (captions/ or captions-NAME/) with LLaVA (the PixArt-alpha prompt by default)"
     config_type = CaptionStageConfig
 
     def passes(self, ctx: RunContext) -> Iterator[Pass]:
@@ -133,7 +139,7 @@ class CaptionWorker:
                         "txt": result.text.encode(),
                         "json": json.dumps(record, ensure_ascii=False, sort_keys=True).encode(),
                     }
-                    if self.config.name == DEFAULT_SET:  # named sets join `images/` by key for the bytes
+                    if self.config.self_contained:  # otherwise readers join `images/` by key for the bytes
                         members[sample.ext] = raw
                     writer.add(sample.key, members)
             rows = sorted(samples.values(), key=lambda s: s.key)

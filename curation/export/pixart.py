@@ -38,8 +38,9 @@ trainer's bucket for an entry is the one its latent was cropped to. Entries with
 (α 4, Σ 4.5) are left out and counted, as the trainer would drop them. A shard's JSON is written after its
 files: it never names a missing file.
 
-`ExportStage` writes no shard folder of OUT: it plans no runner pass, and exports the shards as plain Ray tasks
-through the run's context (`RunContext.map`), under the output's lock like every stage. Paths into OUT come from
+`ExportStage` is one pass of the runner (`curation.export.passes`): a task per images shard, its done marker in
+`InternData/.curation/export-pixart-<format>-<R>[ms]/` after its index file, resumable, logged, and refusing a
+changed config without --force. Images are read from `images/`, the one copy of the bytes. Paths into OUT come from
 `curation.layout.Layout`; the InternData/InternImgs names above are the trainers' contract and live here.
 
 Run: `curation export-pixart --output OUT --to /data/pixart/InternData --resolution 512 [--multiscale]`
@@ -47,9 +48,11 @@ Run: `curation export-pixart --output OUT --to /data/pixart/InternData --resolut
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,12 +62,13 @@ import numpy as np
 
 from curation.buckets import BASES, MAX_TRAINER_RATIO
 from curation.errors import ConfigError, SetupError
+from curation.export.passes import ExportDone, ExportInputs, write_file
 from curation.features.npy import read_npy
 from curation.features.stage import FIELDS, SIGMA_MAX_LENGTH, T5_SIDECAR, t5_sidecar, vae_sidecar
 from curation.layout import DEFAULT_SET, ORIGINAL, Layout, check_set_name
 from curation.records import OK, SKIPPED
-from curation.shards import StageDir
-from curation.stage import InputView, Pass, RunContext, Stage
+from curation.shards import DoneMarker, StageDir, config_hash, lineage
+from curation.stage import InputView, Pass, Resources, RunContext, Stage
 
 if TYPE_CHECKING:
     from curation.runner import StageRun
@@ -180,13 +184,34 @@ class ExportPlan:
         return self.layout.sidecar(vae_sidecar(self.config.resolution, self.config.multiscale, self.config.vae_tag))
 
     @property
+    def label(self) -> str:
+        """The pass (logs, run_config.json, the markers' folder): one per format, resolution and scale."""
+        c = self.config
+        return f"export-pixart-{c.format}-{c.resolution}{'ms' if c.multiscale else ''}"
+
+    @property
+    def semantics(self) -> dict[str, Any]:
+        """What decides the files (the target is where, not what; removed samples are in the lineage)."""
+        c = self.config
+        fields = {PROMPT: c.prompt_field, SHAREGPT4V: c.sharegpt4v_field} if c.format == "sigma" else {}
+        return {"format": c.format, "resolution": c.resolution, "multiscale": c.multiscale, "vae_tag": c.vae_tag,
+                "reencode_png": c.reencode_png, **fields}  # fmt: skip
+
+    @property
+    def done_dir(self) -> ExportDone:
+        index = index_dir(self.config.multiscale, self.config.format)
+        return ExportDone.at(self.data, self.label, (f"{index}/{{shard}}.json",))
+
+    @property
     def max_ratio(self) -> float:
         return MAX_SIGMA_RATIO if self.config.format == "sigma" else MAX_TRAINER_RATIO
 
     def shards(self) -> tuple[list[str], list[str]]:
-        """(the captions shards with every needed sidecar done, all captions shards); SetupError when none has."""
+        """(the images shards with every needed sidecar done, all images shards); SetupError when none has."""
         c = self.config
-        all_shards = self.layout.captions().done_shards()
+        all_shards = self.layout.images.done_shards()
+        if not all_shards:
+            raise SetupError(self.layout.missing_images())
         needed = [self.vae, *self.t5.values()]
         shards = sorted(set(all_shards).intersection(*(d.done_shards() for d in needed)))
         if not shards:
@@ -201,7 +226,8 @@ class ExportPlan:
 
 
 class ExportStage(Stage):
-    """Writes outside OUT (no shard folder of its own): one plain Ray task per shard, no `Pass`."""
+    """Writes outside OUT: one runner pass whose shards are the images shards with every needed sidecar, their done
+    markers in the target (`curation.export.passes`)."""
 
     name = "export-pixart"
     help = "feature shards -> PixArt-alpha's or Sigma's InternData/InternImgs layout"
@@ -211,35 +237,40 @@ class ExportStage(Stage):
         super().__init__(layout, config)
         self.plan = ExportPlan(layout, config, os.path.abspath(config.to))
         self.result: dict[str, int] = {}  # the counts, for callers (`export_pixart`)
+        self.shards: tuple[list[str], list[str]] = ([], [])
 
     def check(self) -> None:
-        self.plan.shards()
+        self.shards = self.plan.shards()
 
     def passes(self, ctx: RunContext) -> Iterator[Pass]:
-        """Export every shard with its features through `ctx.map`; no pass of the runner's."""
-        self.result = self._export(ctx)
-        yield from ()
-
-    def _export(self, ctx: RunContext) -> dict[str, int]:
+        """One pass: every images shard that has the sidecars, each task writing its files then its index file."""
         plan, c = self.plan, self.config
-        shards, all_shards = plan.shards()
-        images = image_root(plan.data)
+        shards = self.shards[0]
         data = Path(plan.data)
         index = data / index_dir(c.multiscale, c.format)
         for d in (*feature_dirs(c.format).values(), vae_dir(c.resolution, c.multiscale, c.format), index):
             (data / d).mkdir(parents=True, exist_ok=True)
-        images.mkdir(parents=True, exist_ok=True)
-        for stale in index.glob("*.json"):  # an earlier export's shards that are gone, or α's former single file
-            if stale.stem not in shards:
+        image_root(plan.data).mkdir(parents=True, exist_ok=True)
+        done = plan.done_dir
+        marked = set(done.done_shards())
+        for stale in index.glob("*.json"):  # an earlier release's export of shards that are gone (α's single file)
+            if stale.stem not in shards and stale.stem not in marked:
                 stale.unlink()
-        results = ctx.map("export-pixart", _export_shard, [(s, (plan, s)) for s in shards])
-        counts = _zero_counts(c.format)
-        for shard_counts in results.values():
-            for k, v in shard_counts.items():
-                counts[k] += v
-        return counts | {"shards": len(shards), "shards_without_features": len(all_shards) - len(shards)}
+        inputs = ExportInputs(InputView(self.layout, self.layout.images, c), [plan.vae, *plan.t5.values()])
+        yield Pass(
+            label=plan.label,
+            folder=done,
+            make_worker=functools.partial(PixartWorker, plan),
+            tasks=[(s, None) for s in shards],
+            semantics=plan.semantics,
+            resources=Resources(stateless=True),
+            upstream=inputs,
+        )
 
     def finish(self, summaries: list[Any]) -> list[str]:
+        shards, all_shards = self.shards
+        counts = _zero_counts(self.config.format) | summaries[0].counts.get("by_export", {})
+        self.result = counts | {"shards": len(shards), "shards_without_features": len(all_shards) - len(shards)}
         return ["[export-pixart] " + ", ".join(f"{k}={v}" for k, v in self.result.items())]
 
     def outputs(self) -> list[str]:
@@ -248,17 +279,38 @@ class ExportStage(Stage):
         return [f"PixArt InternData: {self.config.to} ({where})"]
 
 
+class PixartWorker:
+    """Exports one shard: its files, its index file, then its done marker in the target."""
+
+    def __init__(self, plan: ExportPlan) -> None:
+        self.plan = plan
+        self.inputs = ExportInputs(
+            InputView(plan.layout, plan.layout.images, plan.config), [plan.vae, *plan.t5.values()]
+        )
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, shard: str, payload: None = None) -> DoneMarker:
+        started = time.time()
+        counts = _export_shard(self.plan, shard)
+        upstream = self.inputs.lineages([shard])[shard]
+        done = DoneMarker(
+            shard,
+            stage=self.plan.label,
+            rows=counts["entries"],
+            **lineage(config_hash(self.plan.semantics), upstream),
+            counts={"by_export": counts},
+        )
+        done.seconds = round(time.time() - started, 3)
+        return self.plan.done_dir.write_done(done)  # last
+
+
 def _zero_counts(format: str) -> dict[str, int]:
     counts = {"entries": 0, "left_out_ratio": 0, "failed": 0, "skipped_duplicate": 0}
     if format == "sigma":
         counts |= {"prompt_fallback": 0, "sharegpt4v_fallback": 0}
     return counts
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # a killed export leaves whole files only; a rerun rewrites them
 
 
 def _npz_bytes(feature: np.ndarray, mask: np.ndarray, format: str) -> bytes:
@@ -316,8 +368,8 @@ def run_export(output: str, config: ExportConfig, **kw: Any) -> StageRun:
 def _export_shard(plan: ExportPlan, shard: str) -> dict[str, int]:
     """Export one shard's files, then its JSON index file; returns its counts."""
     c = plan.config
-    captions = plan.layout.captions()
-    removed = InputView(plan.layout, captions, c).removed(shard)  # dedup's, unless include_duplicates
+    images = plan.layout.images
+    removed = InputView(plan.layout, images, c).removed(shard)  # dedup's, unless include_duplicates
     texts = {field: {r["key"]: r for r in d.read_index(shard).to_pylist()} for field, d in plan.t5.items()}
     counts = _zero_counts(c.format)
     # key -> the index entry, and per index field the sidecar whose features it takes (a fallback: the other's)
@@ -347,9 +399,9 @@ def _export_shard(plan: ExportPlan, shard: str) -> dict[str, int]:
             "width": row["orig_width"],
             "ratio": row["orig_height"] / row["orig_width"],
         }
-    _export_files(plan, shard, keep, sources, captions)
+    _export_files(plan, shard, keep, sources, images)
     index = Path(plan.data) / index_dir(c.multiscale, c.format) / f"{shard}.json"
-    _write(index, json.dumps(list(keep.values()), ensure_ascii=False).encode())  # last: names existing files only
+    write_file(index, json.dumps(list(keep.values()), ensure_ascii=False).encode())  # last: names existing files only
     counts["entries"] = len(keep)
     return counts
 
@@ -359,7 +411,7 @@ def _export_files(
     shard: str,
     keep: dict[str, dict[str, Any]],
     sources: dict[str, dict[str, str]],
-    captions: StageDir,
+    images_dir: StageDir,
 ) -> None:
     """Streaming passes (each T5 sidecar, VAE, images): a shard's features never sit in memory together."""
     c = plan.config
@@ -373,19 +425,19 @@ def _export_files(
             if fields:
                 npz = _npz_bytes(read_npy(members["t5.npy"]), read_npy(members["t5mask.npy"]), c.format)
                 for f in fields:
-                    _write(data / out_dirs[f] / f"{key}.npz", npz)
+                    write_file(data / out_dirs[f] / f"{key}.npz", npz)
                     written.setdefault(f, set()).add(key)
     vae_out = data / vae_dir(c.resolution, c.multiscale, c.format)
     for key, members in plan.vae.iter_samples(shard):
         if key in keep:
-            _write(vae_out / f"{key}.npy", members["vae.npy"])  # already a float32 .npy of the final shape
+            write_file(vae_out / f"{key}.npy", members["vae.npy"])  # already a float32 .npy of the final shape
             written["vae"].add(key)
-    exts = {r["key"]: r["ext"] for r in captions.read_index(shard).select(["key", "ext"]).to_pylist()}
+    exts = {r["key"]: r["ext"] for r in images_dir.read_index(shard).select(["key", "ext"]).to_pylist()}
     images = image_root(plan.data)
-    for key, members in captions.iter_samples(shard):
+    for key, members in images_dir.iter_samples(shard):  # `images/`: the one copy of the bytes
         if key in keep:
             raw = members[exts[key]]
-            _write(images / f"{key}.png", _png_bytes(raw) if c.reencode_png else raw)
+            write_file(images / f"{key}.png", _png_bytes(raw) if c.reencode_png else raw)
             written["image"].add(key)
     for what in [*out_dirs, "vae", "image"]:
         if missing := keep.keys() - written.get(what, set()):

@@ -1,7 +1,7 @@
-"""Offline feature sidecars beside `captions/`: same shard names and keys, one folder per sidecar.
+"""Offline feature sidecars beside `images/`: same shard names and keys, one folder per sidecar.
 
-    captions/00042.tar ──features──▶ features/t5/00042.tar      <key>.t5.npy (L, D), <key>.t5mask.npy (L,)
-                                     features/vae512/00042.tar  <key>.vae.npy (2C, h/8, w/8), <key>.json
+    images/00042.tar (+ a caption set) ──features──▶ features/t5/00042.tar   <key>.t5.npy (L, D), <key>.t5mask.npy (L,)
+                                                    features/vae512/00042.tar <key>.vae.npy (2C, h/8, w/8), <key>.json
 
 `sidecar.py` is what the stage knows of a kind of feature (`FeatureKind`) and the sidecars seen as one shard
 folder; `text.py` (T5) and `image.py` (VAE) are the kinds, `t5.py` and `vae.py` their models (loaded once in

@@ -1,4 +1,4 @@
-"""The VAE kind: latents of the captions shard's images, one sidecar per resolution, from one decode per image.
+"""The VAE kind: latents of the images shard's images, one sidecar per resolution, from one decode per image.
 
     OUT/features/vae{R}/NNNNN.tar    <key>.vae.npy (2C, h/8, w/8) float32 at R x R (single scale), and
     OUT/features/vae{R}ms/NNNNN.tar  at the sample's bucket size for base R (multi-scale); <key>.json sizes
@@ -87,6 +87,11 @@ class ImageLatents(FeatureKind):
 
     def setup(self) -> None:
         self.model.setup()
+        # A DC-AE's latents are the latent itself: its marker says so, with the scale the trainer applies (Sana's
+        # export reads both); a KL VAE's markers stay as they were.
+        self.latent = (
+            {"latent": "dcae", "scaling_factor": self.model.scaling_factor} if self.model.deterministic else {}
+        )
 
     def _size(self, sample: Sample, resolution: int) -> tuple[str | None, tuple[int, int]]:
         if not self.config.multiscale:
@@ -135,7 +140,7 @@ class ImageLatents(FeatureKind):
                     if len(pending[(r, size)]) >= self.config.vae_batch_size:
                         flush(r, size)
             for key in ok.keys() - seen:
-                failures[key] = ("missing_image", f"{shard}/{key}: no image member in the captions tar")
+                failures[key] = ("missing_image", f"{shard}/{key}: no image member in the images tar")
                 for sink in sinks.values():
                     sink.put(key, None)
             for r, size in sorted(pending):
@@ -143,7 +148,7 @@ class ImageLatents(FeatureKind):
             for r in resolutions:
                 sinks[r].close()
                 rows = self._rows(samples, r, failures)
-                writers[r].commit(pa.Table.from_pylist(rows, schema=VAE_INDEX), job.done(names[r], rows))
+                writers[r].commit(pa.Table.from_pylist(rows, schema=VAE_INDEX), job.done(names[r], rows, **self.latent))
         except BaseException:
             for w in writers.values():
                 w.abort()
@@ -192,4 +197,4 @@ class ImageLatents(FeatureKind):
         except ImageDecodeError as exc:
             return sample.key, exc
         except Exception as exc:  # not the image's fault: stop with the sample and shard named
-            raise RuntimeError(f"{job.captions.path(job.shard)} {sample.key}: {type(exc).__name__}: {exc}") from exc
+            raise RuntimeError(f"{job.dirs.images.path(job.shard)} {sample.key}: {type(exc).__name__}: {exc}") from exc

@@ -2,14 +2,16 @@
 
 A kind (T5 text features in `text.py`, VAE latents in `image.py`) says which sidecar folders of `OUT/features/` a
 `FeaturesConfig` asks of it and what decides each one's bytes (`sidecars()`), which other folders of the output a
-sidecar is made from (`inputs()`), loads its model (`setup()`), and writes its sidecars of one captions shard
-(`write()`, given a `ShardJob`: the shard's samples, its images, a writer and a done marker per sidecar). The stage
+sidecar is made from (`inputs()`), loads its model (`setup()`), and writes its sidecars of one images shard
+(`write()`, given a `ShardJob`: the shard's samples, its images, a writer and a done marker per sidecar). Shards,
+samples and image bytes come from `images/` (the one copy of the bytes) through the input view; a caption set is
+one more input of the sidecars made from its text. The stage
 lists the kinds in `curation.features.stage.KINDS` and names none of them: a new kind is its module, its config
 fields and one line there.
 
 `FeatureDirs` presents all sidecars of a run to the runner as one `ShardFolder`: a shard counts as done once any
-sidecar is, and its marker is `complete` when every sidecar is current (this config, made from the captions shard
-as it is now), so the runner redoes incomplete shards and the worker writes only the missing or outdated sidecars.
+sidecar is, and its marker is `complete` when every sidecar is current (this config, made from its inputs
+as they are now), so the runner redoes incomplete shards and the worker writes only the missing or outdated sidecars.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 
 
 class FeatureKind(ABC):
-    """One kind of feature, written as sidecar shards beside `captions/` (same shard names, same keys).
+    """One kind of feature, written as sidecar shards beside `images/` (same shard names, same keys).
 
     Built from the run's config alone, on the driver and on every worker: cheap, nothing is loaded before `setup()`.
     """
@@ -45,12 +47,12 @@ class FeatureKind(ABC):
         """
 
     def inputs(self, layout: Layout, sidecar: str) -> list[StageDir]:
-        """Folders besides `captions/` that `sidecar` is made from, with the captions' shard names (a named caption
-        set): each one's shard lineage joins the sidecar's input lineage, so redoing it redoes the sidecar."""
+        """Folders besides `images/` that `sidecar` is made from, with its shard names (a caption set): each one's
+        shard lineage joins the sidecar's input lineage, so redoing it redoes the sidecar."""
         return []
 
     def check(self, layout: Layout, shards: list[str]) -> None:  # noqa: B027 (optional hook)
-        """Refuse, before the run, what cannot work for these captions shards (an input lacking shards): SetupError."""
+        """Refuse, before the run, what cannot work for these images shards (an input lacking shards): SetupError."""
 
     @abstractmethod
     def setup(self) -> None:
@@ -85,10 +87,10 @@ def _counts(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 @dataclass
 class ShardJob:
-    """One captions shard as a kind writes its sidecars of it."""
+    """One images shard as a kind writes its sidecars of it."""
 
     shard: str
-    samples: list[Sample]  # the captions shard's rows, in key order; samples a filter removes are `skipped`
+    samples: list[Sample]  # the images shard's rows, in key order; samples a filter removes are `skipped`
     dirs: FeatureDirs
     _upstream: str | None = field(default=None, repr=False)
 
@@ -96,14 +98,9 @@ class ShardJob:
     def layout(self) -> Layout:
         return self.dirs.layout
 
-    @property
-    def captions(self) -> StageDir:
-        """The captions folder: its tar holds the images (`images()`)."""
-        return self.dirs.captions
-
     def images(self) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """(key, {extension: bytes}) of the captions shard's tar, in key order."""
-        return self.captions.iter_samples(self.shard)
+        """(key, {extension: bytes}) of the images shard's tar, in key order."""
+        return self.dirs.images.iter_samples(self.shard)
 
     def writer(self, sidecar: str) -> ShardWriter:
         return ShardWriter(self.dirs.dirs[sidecar], self.shard)
@@ -130,8 +127,8 @@ class FeatureDirs:
     def __init__(self, layout: Layout, config: FeaturesConfig) -> None:
         self.layout, self.config = layout, config
         self.url = layout.features
-        self.captions = layout.captions()  # the shard list, the images, and the default set's captions
-        self.input = InputView(layout, self.captions, config)  # the captions shards' lineage, dedup included
+        self.images = layout.images  # the shard list, the samples and their bytes
+        self.input = InputView(layout, self.images, config)  # the images shards' lineage, dedup included
         self.kinds: list[FeatureKind] = config.kinds()
         self.semantics = config.sidecars()
         self.owner = {name: kind for kind in self.kinds for name in kind.sidecars()}
@@ -169,26 +166,41 @@ class FeatureDirs:
 
     # -- lineage ---------------------------------------------------------------------------------------------
     def upstream_lineage(self, shard: str) -> str:
-        """The captions shard's lineage, with every sample filter's outcome folded in."""
+        """The images shard's lineage, with every sample filter's outcome folded in."""
         return self.input.read_done(shard).upstream
 
     def input_lineage(self, name: str, shard: str, upstream: str) -> str:
-        """What sidecar `name` of `shard` is made from: the captions shard (`upstream`) and its kind's inputs."""
+        """What sidecar `name` of `shard` is made from: the images shard (`upstream`) and its kind's inputs."""
         for folder in self.owner[name].inputs(self.layout, name):
             upstream = config_hash({"input": upstream, "set": folder.read_done(shard).upstream})
         return upstream
 
-    def current(self, name: str, shard: str, *, marker: Any = False, upstream: str | None = None) -> bool:
-        """Whether sidecar `name` of `shard` is done with this config, from the captions shard as it is now.
+    def legacy_lineage(self, name: str, shard: str) -> str | None:
+        """The input lineage an earlier release gave sidecar `name`: made from `captions/` (its images and the
+        default set's text), a named set's lineage joined; None where `captions/` lacks the shard."""
+        captions = self.layout.captions()
+        if not captions.has_done(shard):
+            return None
+        upstream = InputView(self.layout, captions, self.config).read_done(shard).upstream
+        for folder in self.owner[name].inputs(self.layout, name):
+            if folder.url != captions.url:
+                upstream = config_hash({"input": upstream, "set": folder.read_done(shard).upstream})
+        return upstream
 
-        `marker` and `upstream` (the captions shard's lineage) may be passed when already read.
+    def current(self, name: str, shard: str, *, marker: Any = False, upstream: str | None = None) -> bool:
+        """Whether sidecar `name` of `shard` is done with this config, from its inputs as they are now (a sidecar
+        an earlier release made from `captions/` as it is now counts too: nothing is recomputed for the change).
+
+        `marker` and `upstream` (the images shard's lineage) may be passed when already read.
         """
         marker = self._marker(name, shard) if marker is False else marker
         if marker is None or marker.config_hash != self.hashes[name]:
             return False
         if upstream is None:
             upstream = self.upstream_lineage(shard)
-        return marker.input_lineage == self.input_lineage(name, shard, upstream)
+        if marker.input_lineage == self.input_lineage(name, shard, upstream):
+            return True
+        return marker.input_lineage == self.legacy_lineage(name, shard)
 
     def _marker(self, name: str, shard: str) -> DoneMarker | None:
         d = self.dirs[name]
@@ -218,7 +230,7 @@ class FeatureDirs:
             tally[reason] = tally.get(reason, 0) + 1
         complete = all(self.current(name, shard, marker=present.get(name), upstream=upstream) for name in self.dirs)
         inputs = {m.input_lineage for m in present.values()}
-        if complete:  # every sidecar is made from the captions shard as it is (a kind's inputs join it)
+        if complete:  # every sidecar is made from the images shard as it is (a kind's inputs join it)
             inputs = {upstream}
         return DoneMarker(
             shard,

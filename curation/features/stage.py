@@ -1,6 +1,6 @@
-"""Features stage: `captions/` shards -> feature sidecar shards with the same shard names and keys.
+"""Features stage: `images/` shards (and a caption set's text) -> feature sidecars with the same shard names and keys.
 
-    OUT/features/<sidecar>/NNNNN.tar      members of each sample, in the captions shard's key order
+    OUT/features/<sidecar>/NNNNN.tar      members of each sample, in the images shard's key order
     OUT/features/<sidecar>/NNNNN.parquet  one row per sample, failed ones included
     OUT/features/<sidecar>/NNNNN.done.json  last
 
@@ -8,7 +8,8 @@ Each kind of feature writes its own sidecars (`KINDS`; the interface is `curatio
 T5 text features (`text.py`: `t5`, `t5-<field>-<L>`) and VAE latents (`image.py`: `vae{R}`, `vae{R}ms`,
 `vae{R}-<tag>`). Each sidecar has its own config hash: adding a resolution later computes only that sidecar, and a
 shard is pending while any sidecar lacks a current done marker (`FeatureDirs` presents this to the runner).
-Images (and the shard list) always come from `captions/`; a named set's text from `captions-<NAME>/`, same keys.
+The shard list, the samples and the image bytes come from `images/` through the input view (keep flags applied);
+the text of any caption set from its folder (`captions/`, `captions-<NAME>/`), the originals from `images/`' records.
 
 Run: `curation features --output OUT --t5 DeepFloyd/t5-v1_1-xxl --vae stabilityai/sd-vae-ft-ema`
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from curation.buckets import BASES
-from curation.errors import ConfigError
+from curation.errors import ConfigError, SetupError
 from curation.features.image import DEFAULT_VAE, ImageLatents, vae_sidecar
 from curation.features.sidecar import FeatureDirs, FeatureKind, ShardJob
 from curation.features.text import (
@@ -85,7 +86,8 @@ class FeaturesConfig:
         default="float16", metadata={"help": "T5 feature storage", "choices": list(STORAGE_DTYPES)}
     )
     field: str = dataclasses.field(
-        default="caption", metadata={"help": "text to encode: caption (the default set), original, or a set name"}
+        default="caption",
+        metadata={"help": "text to encode: a caption set's name (caption: the set default), or original"},
     )
     clean_caption: bool = dataclasses.field(
         default=True, metadata={"help": "clean the text as PixArt-alpha does (lower case, no URLs or HTML)"}
@@ -138,38 +140,35 @@ class FeaturesConfig:
         """{sidecar folder name: its semantics}; batch sizes and device do not change what is written."""
         return {name: sem for kind in self.kinds() for name, sem in kind.sidecars().items()}
 
-    @property
-    def caption_set(self) -> str | None:
-        """The named caption set whose text is encoded; None for the default set's captions or the originals."""
-        return None if self.field in FIELDS else self.field
-
     def semantics(self) -> dict[str, Any]:
         return self.sidecars()
 
 
 class FeaturesStage(Stage):
     name = "features"
-    help = "captions/ -> T5 text features and VAE latents in sidecar shards"
+    help = "images/ and a caption set -> T5 text features and VAE latents in sidecar shards"
     config_type = FeaturesConfig
 
     def check(self) -> None:
-        """Each kind refuses what cannot work (a named caption set lacking shards of captions/)."""
-        shards = self.layout.captions().done_shards()
+        """Refuse an output without images; each kind refuses what cannot work (a caption set lacking shards)."""
+        shards = self.layout.images.done_shards()
+        if not shards:
+            raise SetupError(self.layout.missing_images())
         for kind in self.config.kinds():
             kind.check(self.layout, shards)
 
     def passes(self, ctx: RunContext) -> Iterator[Pass]:
-        """One pass over every done captions shard; a shard's current sidecars are kept (resumable, incremental)."""
+        """One pass over every done images shard; a shard's current sidecars are kept (resumable, incremental)."""
         folder = FeatureDirs(self.layout, self.config)
         yield Pass(
             label="features",
             folder=folder,
             make_worker=functools.partial(FeaturesWorker, self.layout, self.config),
-            tasks=[(shard, None) for shard in self.layout.captions().done_shards()],
+            tasks=[(shard, None) for shard in self.layout.images.done_shards()],
             semantics=self.config.semantics(),
             # "auto": one GPU per worker where the cluster has GPUs, CPU workers where it has none (laptops, CI).
             resources=Resources.for_device(self.config.device),
-            upstream=folder.input,  # the captions shards' lineage, dedup included; a kind's inputs join per sidecar
+            upstream=folder.input,  # the images shards' lineage, dedup included; a kind's inputs join per sidecar
         )
 
     def outputs(self) -> list[str]:
@@ -190,7 +189,7 @@ class FeaturesWorker:
     def process(self, shard: str, _payload: Any = None) -> DoneMarker:
         started = time.time()
         todo = [name for name in self.dirs.dirs if not self.dirs.current(name, shard)]
-        samples = table_to_samples(self.dirs.captions.read_index(shard))
+        samples = table_to_samples(self.dirs.images.read_index(shard))
         self.dirs.input.skip(shard, samples)  # samples a filter removes (dedup) become skipped rows in every sidecar
         job = ShardJob(shard, samples, self.dirs)
         for kind in self.dirs.kinds:

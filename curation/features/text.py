@@ -6,7 +6,9 @@
 Sidecar names: `t5` keeps every configuration it held before named caption sets (the default set's captions or the
 originals, any length but 300); the T5 features of a named caption set, or at PixArt-Σ's 300 tokens, go to
 `t5-<field>-<L>` (`t5-default-300`, `t5-original-300`, `t5-dense-120`), so α's and Σ's features coexist.
-A named set's text comes from `captions-<NAME>/` (same keys): its shard's lineage joins the sidecar's.
+Every caption set is a peer: a set's text comes from its folder (`captions/` for `default` or `caption`,
+`captions-<NAME>/`; same keys as `images/`), and its shard's lineage joins the sidecar's; the originals come from
+`images/`' records.
 The model is `t5.py`'s `T5Features`.
 """
 
@@ -23,13 +25,13 @@ from curation.errors import SetupError
 from curation.features.npy import npy_bytes
 from curation.features.sidecar import FeatureKind, ShardJob, row
 from curation.features.t5 import T5Features, TextFeatureConfig
-from curation.layout import DEFAULT_SET, Layout
+from curation.layout import DEFAULT_SET, ORIGINAL, Layout
 from curation.records import OK, Sample
 from curation.shards import StageDir
 
 DEFAULT_T5 = "DeepFloyd/t5-v1_1-xxl"  # PixArt-alpha's text encoder (google/t5-v1_1-xxl is the same model)
 T5_SIDECAR = "t5"
-FIELDS = {"caption": "caption", "original": "original_caption"}  # config value -> Sample attribute
+FIELDS = ("caption", "original")  # text fields named otherwise than by a set: `caption` is the set `default`
 SIGMA_MAX_LENGTH = 300  # PixArt-Σ's T5 length (α: 120)
 STORAGE_DTYPES = ("float16", "float32")
 _T5_WINDOW_BATCHES = 4  # captions sorted by length within 4 batches: most of the gain, bounded memory
@@ -84,9 +86,15 @@ class TextFeatures(FeatureKind):
         }
         return {self.name: semantics}
 
+    @property
+    def set_name(self) -> str | None:
+        """The caption set whose text is encoded (`caption` is the set `default`); None for the originals."""
+        field = self.config.field
+        return None if field == ORIGINAL else DEFAULT_SET if field == "caption" else field
+
     def text_set(self, layout: Layout) -> StageDir | None:
-        """The named caption set whose text is encoded; None for the default set's captions or the originals."""
-        return None if self.config.field in FIELDS else layout.captions(self.config.field)
+        """The caption set's folder; None for the originals (in `images/`' records)."""
+        return None if self.set_name is None else layout.captions(self.set_name)
 
     def inputs(self, layout: Layout, sidecar: str) -> list[StageDir]:
         found = self.text_set(layout)
@@ -94,11 +102,15 @@ class TextFeatures(FeatureKind):
 
     def check(self, layout: Layout, shards: list[str]) -> None:
         found = self.text_set(layout)
-        if found is not None and (missing := sorted(set(shards) - set(found.done_shards()))):
-            captions = Layout.captions_folder(DEFAULT_SET)
+        if found is None:
+            return
+        have = found.done_shards()
+        if not have:
+            raise SetupError(layout.missing_set(self.set_name))
+        if missing := sorted(set(shards) - set(have)):
             raise SetupError(
-                f"caption set {self.config.field!r} lacks {len(missing)} shard(s) of {captions}/ (e.g. {missing[0]}): "
-                f"run `curation caption --name {self.config.field}` first"
+                f"caption set {self.set_name!r} lacks {len(missing)} shard(s) of images/ (e.g. {missing[0]}): "
+                f"run `curation caption --name {self.set_name}` first"
             )
 
     def setup(self) -> None:
@@ -133,11 +145,10 @@ class TextFeatures(FeatureKind):
             writer.commit(pa.Table.from_pylist(rows, schema=T5_INDEX), job.done(name, rows, dim=self.model.dim))
 
     def _texts(self, job: ShardJob) -> Iterator[tuple[Sample, str | None]]:
-        """(sample, text to encode): its field, or its caption in the named set (failed there: failed here too)."""
+        """(sample, text to encode): its original, or its caption in the set (failed there: failed here too)."""
         text_set = self.text_set(job.layout)
         if text_set is None:
-            attr = FIELDS[self.config.field]
-            yield from ((s, getattr(s, attr)) for s in job.samples)
+            yield from ((s, s.original_caption) for s in job.samples)
             return
         index = text_set.read_index(job.shard).select(["key", "status", "error_reason", "error", "caption"])
         named = {r["key"]: r for r in index.to_pylist()}
@@ -145,7 +156,7 @@ class TextFeatures(FeatureKind):
             found = named.get(s.key)
             if s.status == OK and found is None:
                 s = dataclasses.replace(s)  # the failure is this sidecar's, not the captions row's
-                s.fail("missing_caption", f"{s.key} is not in caption set {self.config.field}")
+                s.fail("missing_caption", f"{s.key} is not in caption set {self.set_name}")
             elif s.status == OK and found["status"] != OK:
                 s = dataclasses.replace(s)
                 s.fail(found["error_reason"] or "failed", found["error"] or "")

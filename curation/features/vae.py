@@ -1,7 +1,10 @@
 """VAE latents as PixArt reads them: the posterior's mean and std on the channel axis, (2C, h/8, w/8) float32.
 
 Not sampled and not scaled: the trainer draws `mean + std * randn` each epoch and multiplies by the
-VAE's scale (`SD_LATENT_SCALE` for sd-vae-ft-ema). Preprocessing never stretches: the image is resized to
+VAE's scale (`SD_LATENT_SCALE` for sd-vae-ft-ema). A deterministic autoencoder (diffusers' `AutoencoderDC`, Sana's
+DC-AE: 32 channels, /32) has no posterior: its latent (C, h/32, w/32) is stored as it is, unscaled too (Sana's
+export applies the scale: the config's `scaling_factor`, recorded in the sidecar's done markers).
+Preprocessing never stretches: the image is resized to
 cover the target and centre-cropped, in one antialiased bicubic PIL resize over the crop box (PixArt's
 multi-scale transform is a bicubic Resize + CenterCrop). Single scale R: target R x R. Multi-scale: the
 sample's bucket size at base R.
@@ -19,6 +22,8 @@ from curation.features import resolve_device, resolve_dtype
 
 # sd-vae-ft-ema's latent scale. Applied by the trainer to sampled latents, never to what is stored here.
 SD_LATENT_SCALE = 0.18215
+# Sana's fallback DC-AE scale (`vae_encode` in its diffusion/model/builder.py) when the config has none.
+DCAE_LATENT_SCALE = 0.41407
 
 
 def cover_size(height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
@@ -67,18 +72,23 @@ class VaeFeatures:
         self.vae: Any = None
 
     def setup(self, vae: Any = None) -> None:
-        """Load `config.model`, or take an AutoencoderKL already in memory (benchmarks build one)."""
+        """Load `config.model` (an AutoencoderKL or an AutoencoderDC, by its config's class name), or take one
+        already in memory (benchmarks build one)."""
         import torch
-        from diffusers import AutoencoderKL
 
         self.device = resolve_device(self.config.device)
         if vae is None:
-            vae = AutoencoderKL.from_pretrained(
+            vae = autoencoder_class(self.config.model).from_pretrained(
                 self.config.model, torch_dtype=resolve_dtype(self.config.dtype, self.device)
             )
         self.vae = vae.to(self.device).eval()
         self.dtype = next(self.vae.parameters()).dtype  # inputs follow the weights (a given VAE keeps its own)
-        self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.deterministic = type(self.vae).__name__ == "AutoencoderDC"
+        self.scaling_factor = float(self.vae.config.scaling_factor or DCAE_LATENT_SCALE)
+        config = self.vae.config
+        self.downsample = 2 ** (
+            len(config.encoder_block_out_channels if self.deterministic else config.block_out_channels) - 1
+        )
         self._forward = self._moments
         if self.config.compile:
             self.vae = self.vae.to(memory_format=torch.channels_last)
@@ -86,14 +96,15 @@ class VaeFeatures:
         self._torch = torch
 
     def _moments(self, x: Any) -> Any:
-        # AutoencoderKL.encode without its output wrappers (which torch.compile would break the graph on).
+        # AutoencoderKL.encode without its output wrappers (which torch.compile would break the graph on);
+        # AutoencoderDC's encoder gives the latent itself.
         h = self.vae.encoder(x)
         return self.vae.quant_conv(h) if getattr(self.vae, "quant_conv", None) is not None else h
 
     @property
     def channels(self) -> int:
-        """Channels of a stored latent: mean and std of each latent channel."""
-        return 2 * int(self.vae.config.latent_channels)
+        """Channels of a stored latent: mean and std of each latent channel (the latent's own for a DC-AE)."""
+        return int(self.vae.config.latent_channels) * (1 if self.deterministic else 2)
 
     def encode(self, images: list[Image.Image], size: tuple[int, int]) -> np.ndarray:
         """(B, 2C, h/8, w/8) float32 posterior mean and std for PIL images brought to `size` = (h, w)."""
@@ -121,8 +132,35 @@ class VaeFeatures:
                 x = x.permute(0, 3, 1, 2).to(self.dtype).div_(127.5).sub_(1.0)
                 if self.config.compile:
                     x = x.contiguous(memory_format=torch.channels_last)
-                mean, logvar = self._forward(x).float().chunk(2, dim=1)
-                # As diffusers' DiagonalGaussianDistribution, with exp in float32 (bf16 keeps 3 digits).
-                std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-                out[start : start + bs] = torch.cat([mean, std], dim=1).cpu().numpy()
+                moments = self._forward(x).float()
+                if not self.deterministic:
+                    mean, logvar = moments.chunk(2, dim=1)
+                    # As diffusers' DiagonalGaussianDistribution, with exp in float32 (bf16 keeps 3 digits).
+                    moments = torch.cat([mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))], dim=1)
+                out[start : start + bs] = moments.cpu().numpy()
         return out
+
+
+def autoencoder_class(model: str) -> Any:
+    """diffusers' AutoencoderKL, or AutoencoderDC when the checkpoint's config names it (Sana's DC-AE)."""
+    import diffusers
+
+    return (
+        diffusers.AutoencoderDC
+        if checkpoint_config(model).get("_class_name") == "AutoencoderDC"
+        else (diffusers.AutoencoderKL)
+    )
+
+
+def checkpoint_config(model: str) -> dict[str, Any]:
+    """A checkpoint's config.json: a local folder's, or a Hub checkpoint's (fetched once, then cached)."""
+    import json
+    import os
+
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(model, "config.json")
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)

@@ -93,9 +93,9 @@ def run_pass(
             upstream = p.upstream.lineages(shards)
             drop_orphans(p.folder, shards)
         markers = done_markers(p.folder)  # read once: planning, --force's clean-up, the summary of skipped shards
-        todo = set(pending_shards(p.folder, shards, chash, force, upstream, markers))
+        todo = set(pending_shards(p.folder, shards, chash, force, upstream, markers, p.compatible))
         if force:
-            drop_stale_shards(p.folder, markers, shards, chash)
+            drop_stale_shards(p.folder, markers, shards, chash, p.compatible)
         record_run_config(layout, p.label, {**p.semantics, "config_hash": chash})
         pending = [t for t in p.tasks if t[0] in todo]
         summary = RunSummary(p.label, shards_total=len(shards), shards_skipped=len(shards) - len(pending))

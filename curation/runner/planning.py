@@ -20,15 +20,18 @@ def pending_shards(
     force: bool,
     upstream: dict[str, str] | None = None,
     markers: dict[str, DoneMarker] | None = None,
+    compatible: tuple[str, ...] = (),
 ) -> list[str]:
     """Shards to (re)do: no done marker, made from an input that was redone since, or (composites) incomplete.
 
     A done shard made with another config is refused unless `force`: a rerun must not silently mix configs.
-    `markers`: `done_markers(folder)`, when the caller has read them already.
+    `markers`: `done_markers(folder)`, when the caller has read them already. `compatible`: other config hashes
+    whose shards count as made with this config (`Pass.compatible`).
     """
     markers = done_markers(folder) if markers is None else markers
     done = set(markers)
-    changed = sorted(s for s, marker in markers.items() if marker.config_hash != chash)
+    accepted = {chash, *compatible}
+    changed = sorted(s for s, marker in markers.items() if marker.config_hash not in accepted)
     if changed and not force:
         raise SetupError(
             f"{folder.url} holds {len(changed)} shard(s) made with a different configuration "
@@ -43,14 +46,16 @@ def pending_shards(
     return [s for s in shards if s not in done or s in redo]
 
 
-def drop_stale_shards(folder: ShardFolder, markers: dict[str, DoneMarker], shards: list[str], chash: str) -> list[str]:
+def drop_stale_shards(
+    folder: ShardFolder, markers: dict[str, DoneMarker], shards: list[str], chash: str, compatible: tuple[str, ...] = ()
+) -> list[str]:
     """With --force: remove done shards of another config that the new plan does not redo.
 
     A smaller shard count (a larger --shard-size) leaves the old plan's last shards behind; kept, their keys would
     appear twice in the stage, once in a redone shard and once in the stale one.
     """
     planned = set(shards)
-    stale = [s for s, marker in markers.items() if s not in planned and marker.config_hash != chash]
+    stale = [s for s, m in markers.items() if s not in planned and m.config_hash not in {chash, *compatible}]
     for shard in stale:
         folder.remove_shard(shard)
     return stale

@@ -1,12 +1,12 @@
-"""Stats stage: `captions/` shards -> per-shard noun partials (`stats/NNNNN.json`) -> one merge -> `report/`.
+"""Stats stage: caption sets and the originals -> per-shard noun partials -> one merge -> `report/`.
 
-Map then reduce: each shard's partial `NounStats` (per caption field) is written beside the shards with a done
-marker, so a rerun only counts new shards, and the merge is exact whatever the split. Images are the samples that
-were captioned (status ok), so the "original" and "caption" rows describe the same images side by side.
-
-Each named caption set (`captions-<NAME>/`) has its own partials in `stats-<NAME>/`, counted and resumed on its own
-(one pass each), and its own Table 1 row; `compare` adds rows of other outputs or caption corpora to the same table.
-With `captions` (a corpus file) there are no passes: the report is the corpus's Table 1.
+Map then reduce: each shard's partial `NounStats` is written beside the shards with a done marker, so a rerun only
+counts new shards, and the merge is exact whatever the split. Every caption set is a peer: each set (`captions/`,
+`captions-<NAME>/`) has its partials in `stats/` or `stats-<NAME>/` (one pass each) and its own Table 1 row. The
+originals (alt-text, prompts) come from the ingest records (`images/`' index) into `stats-original/`, with the
+aspect-ratio buckets, whatever sets exist; a sample counts there when ingest read it and no filter removed it.
+`compare` adds rows of other outputs or caption corpora to the same table. With `captions` (a corpus file) there
+are no passes: the report is the corpus's Table 1.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import fsspec.implementations.local
 from curation.errors import ConfigError, SetupError
 from curation.layout import DEFAULT_SET, Layout
 from curation.records import OK
-from curation.shards import DoneMarker, config_hash, lineage, read_parquet, write_json_atomic
+from curation.shards import DoneMarker, StageDir, config_hash, lineage, read_parquet, write_json_atomic
 from curation.stage import InputView, Pass, Resources, RunContext, Stage
 from curation.stats.nouns import VALID_THRESHOLD, NounExtractor, NounStats, count_captions, decode_caption
 from curation.stats.report import write_report
@@ -39,6 +39,8 @@ STAGE = "stats"
 FIELDS = ("caption", "original")
 FIELD_CHOICES = {"caption": ("caption",), "original": ("original",), "both": FIELDS}
 GALLERY_SIZE = 12
+SET_SEMANTICS = {"fields": ["caption"]}  # a caption set's partials: its captions only
+LEGACY_DEFAULT_SEMANTICS = {"fields": ["caption", "original"]}  # `captions/`' partials before sets were peers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +83,7 @@ class StatsConfig:
         return FIELD_CHOICES[self.field]
 
     def semantics(self) -> dict[str, Any]:
-        # The threshold only shapes the merged report, not the per-shard partials.
+        # The threshold only shapes the merged report, not the per-shard partials; each pass has its own semantics.
         return {"fields": list(self.fields)}
 
 
@@ -96,6 +98,7 @@ class StatsStage(Stage):
         self.result: str | None = None  # the report's index.html, once `finish` wrote it
 
     def check(self) -> None:
+        """Refuse a missing corpus or --compare path, an output without images, or --field caption without sets."""
         config = self.config
         for what, url in [("the caption corpus", config.captions)] + [("--compare", c) for c in config.compare]:
             if url is None:
@@ -104,29 +107,39 @@ class StatsStage(Stage):
             if not fs.exists(path):
                 raise SetupError(f"{what} {url} does not exist")
 
-    def named_sets(self) -> list[str]:
-        """The named caption sets counted besides the default set: all of them when captions are counted."""
-        if "caption" not in self.config.fields:
-            return []
-        return [s for s in self.layout.caption_sets() if s != DEFAULT_SET]
+        if config.captions is None:
+            if not self.layout.images.done_shards():
+                raise SetupError(self.layout.missing_images())
+            if config.field == "caption" and not self.layout.caption_sets():
+                raise SetupError(f"no caption set in {self.layout.output}: run curation caption --name NAME first")
 
     def passes(self, ctx: RunContext) -> Iterator[Pass]:
-        """One pass per caption set: the default set's (captions and originals) first, then each named set's."""
+        """The originals' pass (from `images/`: originals and buckets), then one pass per caption set counted."""
         if self.config.captions is not None:  # a corpus: counted in `finish`, no shards
             return
-        self.sets = self.named_sets()
-        for caption_set in [DEFAULT_SET, *self.sets]:
-            # A named set's originals are the default set's: only its captions are counted.
-            config = self.config if caption_set == DEFAULT_SET else dataclasses.replace(self.config, field="caption")
-            folder, captions = self.layout.stats(caption_set), self.layout.captions(caption_set)
+        layout = self.layout
+        self.sets = layout.caption_sets() if "caption" in self.config.fields else []
+        yield Pass(
+            label=layout.stats_original.url.rstrip("/").rsplit("/", 1)[-1],
+            folder=layout.stats_original,
+            make_worker=functools.partial(StatsWorker, layout, self.config, None),
+            tasks=[(shard, None) for shard in layout.images.done_shards()],
+            semantics={"fields": ["original"]},
+            resources=Resources(num_cpus=1),
+            upstream=InputView(layout, layout.images, self.config),
+        )
+        for caption_set in self.sets:
+            folder, captions = layout.stats(caption_set), layout.captions(caption_set)
             yield Pass(
                 label=folder.url.rstrip("/").rsplit("/", 1)[-1],
                 folder=folder,
-                make_worker=functools.partial(StatsWorker, self.layout, config, caption_set),
+                make_worker=functools.partial(StatsWorker, layout, self.config, caption_set),
                 tasks=[(shard, None) for shard in captions.done_shards()],
-                semantics=config.semantics(),
+                semantics=SET_SEMANTICS,
+                # An earlier release counted the originals in the default set's partials too: they hold its captions.
+                compatible=(config_hash(LEGACY_DEFAULT_SEMANTICS),) if caption_set == DEFAULT_SET else (),
                 resources=Resources(num_cpus=1),
-                upstream=InputView(self.layout, captions, config),
+                upstream=InputView(layout, captions, self.config),
             )
 
     def finish(self, summaries: list[RunSummary]) -> list[str]:
@@ -140,7 +153,7 @@ class StatsStage(Stage):
                 layout.report(), lambda local: write_report(local, rows, valid_threshold=config.valid_threshold)
             )
             return self._table()
-        _, buckets = merge_partials(layout.output, config.fields)
+        buckets = merge_originals(layout.output)[1]
         ordered = table_rows(layout.output, config, self.sets) | compare_rows(config.compare, config.valid_threshold)
         self.result = write_local_report(
             layout.report(),
@@ -164,13 +177,15 @@ class StatsStage(Stage):
 
 
 class StatsWorker:
-    """Counts the nouns of one caption shard into its partial, then writes the shard's done marker."""
+    """Counts the nouns of one shard into its partial, then writes the shard's done marker: a caption set's captions
+    (from its tar's `.txt` members), or with `caption_set=None` the originals and buckets of an `images/` shard."""
 
-    def __init__(self, layout: Layout, config: StatsConfig, caption_set: str = DEFAULT_SET) -> None:
-        self.captions = layout.captions(caption_set)
-        self.input = InputView(layout, self.captions, config)
-        self.stage_dir = layout.stats(caption_set)
-        self.config = config
+    def __init__(self, layout: Layout, config: StatsConfig, caption_set: str | None) -> None:
+        self.source = layout.captions(caption_set) if caption_set is not None else layout.images
+        self.input = InputView(layout, self.source, config)
+        self.stage_dir = layout.stats(caption_set) if caption_set is not None else layout.stats_original
+        self.originals = caption_set is None
+        self.semantics = {"fields": ["original"]} if self.originals else SET_SEMANTICS
         self.reasons = filter_reasons()
 
     def setup(self) -> None:
@@ -181,36 +196,39 @@ class StatsWorker:
         # Removed samples (duplicates) are left out whether the caption stage skipped them or captioned them
         # (--include-duplicates there); those it skipped are tallied as skipped here too.
         removed = self.input.removed(shard)
-        index = self.captions.read_index(shard).to_pylist()
+        index = self.source.read_index(shard).to_pylist()
         rows = [r for r in index if r["status"] == OK and r["key"] not in removed]
         skipped: dict[str, int] = {}
         for r in index:
             reason = removed[r["key"]][0] if r["key"] in removed else r["error_reason"]
             if reason in self.reasons:
                 skipped[reason] = skipped.get(reason, 0) + 1
-        partial: dict[str, Any] = {"buckets_1024": {}}
+        partial: dict[str, Any] = {}
         invalid_utf8 = 0
-        if "caption" in self.config.fields:
+        if self.originals:
+            originals = [r["original_caption"] for r in rows]
+            partial["original"] = count_captions(originals, extractor=self.extractor).to_json()
+            buckets: dict[str, int] = {}
+            for r in rows:
+                buckets[r["bucket_1024"]] = buckets.get(r["bucket_1024"], 0) + 1
+            partial["buckets_1024"] = buckets
+        else:
             # Captions are read from the tar's `.txt` members: they are what trainers read, and may be foreign bytes.
+            ok = {r["key"] for r in rows}
             texts = []
-            for key, members in self.captions.iter_samples(shard):
-                if key in removed:
+            for key, members in self.source.iter_samples(shard):
+                if key not in ok:
                     continue
                 text, invalid = decode_caption(members.get("txt", b""))
                 invalid_utf8 += invalid
                 texts.append(text)
             partial["caption"] = count_captions(texts, extractor=self.extractor).to_json()
-        if "original" in self.config.fields:
-            originals = [r["original_caption"] for r in rows]
-            partial["original"] = count_captions(originals, extractor=self.extractor).to_json()
-        for r in rows:
-            partial["buckets_1024"][r["bucket_1024"]] = partial["buckets_1024"].get(r["bucket_1024"], 0) + 1
         write_json_atomic(self.stage_dir.url_of(f"{shard}.json"), partial)
         done = DoneMarker(
             shard,
             stage=STAGE,
             rows=len(rows),
-            **lineage(config_hash(self.config.semantics()), self.input.read_done(shard).upstream),
+            **lineage(config_hash(self.semantics), self.input.read_done(shard).upstream),
             counts={"by_caption_bytes": {"invalid_utf8": invalid_utf8} if invalid_utf8 else {}, "by_skipped": skipped},
             extra={"started": started},
         )
@@ -225,38 +243,56 @@ def filter_reasons() -> frozenset[str]:
     return frozenset(s.sample_filter.reason for s in stage_classes() if s.sample_filter is not None)
 
 
-def merge_partials(
-    output: str, fields: tuple[str, ...], caption_set: str = DEFAULT_SET
-) -> tuple[dict[str, NounStats], dict[str, int]]:
-    """Sum every done shard's partial: {field: NounStats}, and image counts per aspect-ratio bucket."""
-    stage = Layout(output).stats(caption_set)
-    totals = {f: NounStats() for f in fields}
+def merge_partials(stage: StageDir, field: str) -> NounStats:
+    """Sum one field of every done shard's partial in a stats folder."""
+    total = NounStats()
+    for shard in stage.done_shards():
+        with stage.fs.open(stage.path(f"{shard}.json"), "rb") as fh:
+            partial = json.load(fh)
+        if field in partial:
+            total += NounStats.from_json(partial[field])
+    return total
+
+
+def merge_originals(output: str) -> tuple[NounStats, dict[str, int]]:
+    """The originals' NounStats and image counts per aspect-ratio bucket, from `stats-original/` (an output whose
+    last stats run predates it: from the default set's partials, which counted the originals then)."""
+    layout = Layout(output)
+    stage = layout.stats_original if layout.stats_original.done_shards() else layout.stats()
+    totals = NounStats()
     buckets: dict[str, int] = {}
     for shard in stage.done_shards():
         with stage.fs.open(stage.path(f"{shard}.json"), "rb") as fh:
             partial = json.load(fh)
-        for f in fields:
-            if f in partial:
-                totals[f] += NounStats.from_json(partial[f])
+        if "original" in partial:
+            totals += NounStats.from_json(partial["original"])
         for key, n in partial.get("buckets_1024", {}).items():
             buckets[key] = buckets.get(key, 0) + n
     return totals, buckets
 
 
 def gallery(output: str, limit: int = GALLERY_SIZE) -> list[dict[str, Any]]:
-    """A few captioned samples with thumbnails, for a person to eyeball the captions next to their images."""
+    """A few captioned samples with thumbnails, for a person to eyeball the captions next to their images: the
+    first caption set's captions (the default set when it exists), the images from `images/`."""
     from PIL import Image
 
     from curation.imaging import ImageDecodeError, decode_image
 
-    captions = Layout(output).captions()
+    layout = Layout(output)
+    sets = layout.caption_sets()
+    if not sets:
+        return []
+    captions = layout.captions(sets[0])
     items: list[dict[str, Any]] = []
     for shard in captions.done_shards():
-        for key, members in captions.iter_samples(shard):
-            record = json.loads(members["json"])
+        rows = {r["key"]: r for r in captions.read_index(shard).to_pylist() if r["status"] == OK}
+        for key, members in layout.images.iter_samples(shard):
+            if key not in rows:
+                continue
+            row = rows[key]
             try:
-                image = decode_image(members[record["ext"]], target_size=(160, 160))
-            except ImageDecodeError:
+                image = decode_image(members[row["ext"]], target_size=(160, 160))
+            except (ImageDecodeError, KeyError):
                 continue
             image.thumbnail((160, 160), Image.Resampling.LANCZOS)
             png = io.BytesIO()
@@ -265,9 +301,9 @@ def gallery(output: str, limit: int = GALLERY_SIZE) -> list[dict[str, Any]]:
                 {
                     "key": key,
                     "thumbnail_png": png.getvalue(),
-                    "caption": decode_caption(members.get("txt", b""))[0],
-                    "caption_status": record.get("caption_status"),
-                    "original": record.get("original_caption"),
+                    "caption": row["caption"],
+                    "caption_status": row.get("caption_status"),
+                    "original": row.get("original_caption"),
                 }
             )
             if len(items) >= limit:
@@ -276,17 +312,19 @@ def gallery(output: str, limit: int = GALLERY_SIZE) -> list[dict[str, Any]]:
 
 
 def table_rows(output: str, config: StatsConfig, sets: list[str]) -> dict[str, NounStats]:
-    """{row name: NounStats} of an output's merged partials: originals, the default set, then each named set.
+    """{row name: NounStats} of an output's merged partials: the originals, then each caption set counted.
 
     A field whose captions are empty everywhere (a source without alt-text) has no row, rather than a row of 0/0.
     """
-    name = config.name or Layout(output).name
-    totals, _ = merge_partials(output, config.fields)
-    names = {"caption": f"{name} (generated captions)", "original": f"{name} (original captions)"}
+    layout = Layout(output)
+    name = config.name or layout.name
+    rows: dict[str, NounStats] = {}
     # Originals first: the paper's layout reads "LAION" then "LAION-LLaVA".
-    rows = {names[f]: totals[f] for f in ("original", "caption") if f in config.fields}
+    if "original" in config.fields:
+        rows[f"{name} (original captions)"] = merge_originals(output)[0]
     for s in sets:
-        rows[f"{name} ({s} captions)"] = merge_partials(output, ("caption",), s)[0]["caption"]
+        label = "generated" if s == DEFAULT_SET else s
+        rows[f"{name} ({label} captions)"] = merge_partials(layout.stats(s), "caption")
     return {row: stats for row, stats in rows.items() if stats.images > stats.empty}
 
 
@@ -296,8 +334,7 @@ def compare_rows(others: tuple[str, ...], valid_threshold: int = VALID_THRESHOLD
     for other in others:
         fs, path = fsspec.core.url_to_fs(other)
         if fs.isdir(path):
-            sets = [s for s in Layout(other).caption_sets() if s != DEFAULT_SET]
-            found = table_rows(other, StatsConfig(valid_threshold=valid_threshold), sets)
+            found = table_rows(other, StatsConfig(valid_threshold=valid_threshold), Layout(other).caption_sets())
             if not found:
                 raise SetupError(f"{other} has no caption statistics: run `curation stats --output {other}`")
             rows |= found
@@ -310,12 +347,14 @@ def run_stats(output: str, config: StatsConfig, **kw) -> tuple[RunSummary | None
     """`curation stats` from Python: see `curation.runner.run` for the keywords (`force` redoes the partials of
     another field choice).
 
-    Returns the summary of the default set's (and originals') pass (None for a corpus), and the report's index.html.
+    Returns the summary of the default set's pass, or else of the originals' (None for a corpus), and the report's
+    index.html.
     """
     from curation.runner import run
 
     done: StageRun = run(StatsStage(Layout(output), config), **kw)
-    return (done.summaries[0] if done.summaries else None), done.result
+    first = next((s for s in done.summaries if s.stage == STAGE), done.summaries[0] if done.summaries else None)
+    return first, done.result
 
 
 def run_corpus_stats(

@@ -10,14 +10,16 @@ from pathlib import Path
 
 
 def make_tiny_models(folder: str | Path) -> dict[str, Path]:
-    """Build (or reuse) tiny LLaVA, T5 encoder and VAE checkpoints under `folder`; returns {name: path}."""
+    """Build (or reuse) tiny LLaVA, T5 encoder, VAE and DC-AE (Sana's autoencoder) checkpoints under `folder`;
+    returns {name: path}."""
     from curation.tiny.llava import build_tiny_llava
     from curation.tiny.t5 import build_tiny_t5
-    from curation.tiny.vae import build_tiny_vae
+    from curation.tiny.vae import build_tiny_dcae, build_tiny_vae
 
     root = Path(folder)
     built = {}
-    for name, build in (("llava", build_tiny_llava), ("t5", build_tiny_t5), ("vae", build_tiny_vae)):
+    builders = (("llava", build_tiny_llava), ("t5", build_tiny_t5), ("vae", build_tiny_vae), ("dcae", build_tiny_dcae))
+    for name, build in builders:
         path = root / name
         if not (path / "config.json").exists():
             build(path)

@@ -43,3 +43,35 @@ def build_tiny_vae(path: Path, *, seed: int = 0, scaling_factor: float = SD_SCAL
 def build_tiny_sdxl_vae(path: Path, *, seed: int = 1) -> Path:
     """A tiny random SDXL-shaped VAE: SD's architecture at SDXL's latent scale, other weights."""
     return build_tiny_vae(path, seed=seed, scaling_factor=SDXL_SCALING_FACTOR)
+
+
+DCAE_BLOCK_OUT_CHANNELS = (8, 8, 16, 16, 32, 32)  # six levels: 2 ** 5 = /32; the last >= the latent channels
+DCAE_LATENT_CHANNELS = 32
+DCAE_SCALING_FACTOR = 0.41407  # mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers
+
+
+def build_tiny_dcae(path: Path, *, seed: int = 2) -> Path:
+    """A tiny random `AutoencoderDC` (Sana's DC-AE class: 32 latent channels, /32), saved like a Hub checkpoint."""
+    import torch
+    from diffusers import AutoencoderDC
+
+    path = Path(path)
+    levels = len(DCAE_BLOCK_OUT_CHANNELS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderDC(
+            in_channels=3,
+            latent_channels=DCAE_LATENT_CHANNELS,
+            attention_head_dim=8,
+            encoder_block_types="ResBlock",
+            decoder_block_types="ResBlock",
+            encoder_block_out_channels=DCAE_BLOCK_OUT_CHANNELS,
+            decoder_block_out_channels=DCAE_BLOCK_OUT_CHANNELS,
+            encoder_layers_per_block=(1,) * levels,
+            decoder_layers_per_block=(1,) * levels,
+            encoder_qkv_multiscales=((),) * levels,
+            decoder_qkv_multiscales=((),) * levels,
+            scaling_factor=DCAE_SCALING_FACTOR,
+        ).eval()
+    vae.save_pretrained(path)
+    return path

@@ -64,7 +64,7 @@ def test_two_sets_hold_their_own_captions_and_provenance(two_sets, tiny_models):
         record = json.loads(m["json"])
         assert m["txt"].decode() == record["caption"] == dense[key]["caption"]
         assert record["provenance"]["prompt"] == TEMPLATE
-    assert all("jpg" in m for m in tar_members(out, "captions").values())
+    assert not any("jpg" in m for m in tar_members(out, "captions").values())  # every set is text only
     first = json.loads(next(iter(tar_members(out, "captions").values()))["json"])
     assert first["provenance"]["prompt"] == "Describe briefly."
     # The templated set's caption is the model's answer to the prompt with the sample's original filled in.
@@ -105,6 +105,10 @@ def test_set_names_and_templates_are_checked(tmp_path):
             CaptionStageConfig(name=bad)
     with pytest.raises(ConfigError, match="only"):
         CaptionStageConfig(model=CaptionConfig(model="m", prompt="Describe {subject}"))
+    # Text-only sets keep the config hash of earlier outputs; self-contained ones are another configuration.
+    plain = CaptionStageConfig(model=CaptionConfig(model="m"))
+    assert "self_contained" not in plain.semantics()
+    assert CaptionStageConfig(model=CaptionConfig(model="m"), self_contained=True).semantics()["self_contained"]
     cli = [sys.executable, "-m", "curation.cli", "caption", "--output", str(tmp_path), "--model", "m"]
     for args in (["--name", "report"], ["--prompt", "Describe {"]):
         done = subprocess.run([*cli, *args], capture_output=True, text=True, cwd=REPO)

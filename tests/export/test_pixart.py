@@ -100,7 +100,7 @@ def test_png_reencoding_and_reexport_are_clean(tmp_path, output, ray_local):
     second = export_pixart(str(out), root, 256, False, reencode_png=True)
     assert first == second
     images = sorted((tmp_path / "InternImgs").iterdir())
-    assert len(images) == first["entries"] and not any(p.name.startswith(".") for p in root.rglob("*"))
+    assert len(images) == first["entries"] and not any(p.name.startswith(".tmp-") for p in root.rglob("*"))
     with Image.open(images[0]) as im:
         assert im.format == "PNG"
 
@@ -116,7 +116,9 @@ def test_missing_features_are_a_clear_error(tmp_path, output):
         export_pixart(str(output[0]), tmp_path / "InternData", 512, False)
 
 
-def test_the_stage_runs_the_export_as_plain_tasks_and_reports_its_counts(tmp_path, output, ray_local):
+def test_the_export_is_a_pass_of_the_runner(tmp_path, output, ray_local):
+    """Done markers in the target, per-shard logs, resume (a shard without its marker is redone, alone), and a
+    changed config refused without --force."""
     import dataclasses
 
     from curation.export.pixart import ExportConfig, ExportStage, run_export
@@ -132,9 +134,24 @@ def test_the_stage_runs_the_export_as_plain_tasks_and_reports_its_counts(tmp_pat
         f"PixArt InternData: {root} (index: one JSON file per shard in partition_filter/, pass them all as the list)"
     ]
     run = run_export(str(out), config, progress=False)
-    assert run.summaries == [] and run.result == export_pixart(str(out), root, 256, True)
-    assert run.lines() == ["[export-pixart] " + ", ".join(f"{k}={v}" for k, v in run.result.items())]
-    assert not (out / "logs").exists() and not (out / "run_config.json").exists()  # nothing of OUT is written
+    (summary,) = run.summaries
+    markers = root / ".curation" / "export-pixart-alpha-256ms"
+    shards = sorted(p.name.removesuffix(".done.json") for p in markers.glob("*.done.json"))
+    assert summary.shards_run == len(shards) == 2 and run.result["shards"] == 2
+    assert sorted(p.stem for p in (out / "logs" / "export-pixart-alpha-256ms").glob("*.json")) == shards
+    assert run.lines()[-1] == "[export-pixart] " + ", ".join(f"{k}={v}" for k, v in run.result.items())
+    entries = export_entries(root / "partition_filter")
+    again = run_export(str(out), config, progress=False)
+    assert again.summaries[0].shards_run == 0 and again.result == run.result
+    # A shard whose marker is missing (killed before it) is redone, and only it.
+    (markers / f"{shards[0]}.done.json").unlink()
+    resumed = run_export(str(out), config, progress=False)
+    assert resumed.summaries[0].shards_run == 1 and resumed.result == run.result
+    assert export_entries(root / "partition_filter") == entries
+    with pytest.raises(SetupError, match="--force"):
+        run_export(str(out), dataclasses.replace(config, reencode_png=True), progress=False)
+    forced = run_export(str(out), dataclasses.replace(config, reencode_png=True), force=True, progress=False)
+    assert forced.summaries[0].shards_run == 2
 
 
 def test_the_export_config_is_validated(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def tall_jpeg(photo: Path) -> bytes:
 
 
 def make_caption_shards(output: Path, n_ok: int = 6, per_shard: int = 5) -> dict[str, str]:
-    """Write OUT/captions shards like the caption stage does; returns {key: expected outcome}.
+    """Write OUT/images shards as ingest does (the bytes) and OUT/captions shards as the caption stage does (text and
+    records only); returns {key: expected outcome}.
 
     Outcomes: "ok", "tall" (h/w = 5), "failed_upstream", "no_caption" (has an original caption only),
     "corrupt" (unreadable bytes).
@@ -76,18 +78,21 @@ def make_caption_shards(output: Path, n_ok: int = 6, per_shard: int = 5) -> dict
     s.set_size(640, 480)
     items.append((s, b"\xff\xd8\xff\xe0 not a jpeg at all", "corrupt"))
 
-    stage = StageDir(str(output / "captions"))
+    images, captions = StageDir(str(output / "images")), StageDir(str(output / "captions"))
     items.sort(key=lambda item: item[0].key)
     for start in range(0, len(items), per_shard):
-        chunk = items[start : start + per_shard]
-        with ShardWriter(stage, f"{start // per_shard:05d}") as writer:
-            for sample, data, _ in chunk:
+        chunk, shard = items[start : start + per_shard], f"{start // per_shard:05d}"
+        ingested = [dataclasses.replace(s, caption=None, caption_status=None) for s, _, _ in chunk]
+        with ShardWriter(images, shard) as writer:
+            for sample, (_, data, _) in zip(ingested, chunk, strict=True):
                 if data is not None:
-                    members = {sample.ext: data, "json": sample.to_json()}
-                    if sample.caption is not None:
-                        members["txt"] = sample.caption.encode()
-                    writer.add(sample.key, members)
-            done = DoneMarker(f"{start // per_shard:05d}", stage="captions", config_hash="x")
+                    writer.add(sample.key, {sample.ext: data, "json": sample.to_json()})
+            writer.commit(samples_to_table(ingested), DoneMarker(shard, stage="images", lineage=f"images-{shard}"))
+        with ShardWriter(captions, shard) as writer:
+            for sample, data, _ in chunk:
+                if data is not None and sample.caption is not None:
+                    writer.add(sample.key, {"txt": sample.caption.encode(), "json": sample.to_json()})
+            done = DoneMarker(shard, stage="captions", config_hash="x", lineage=f"captions-{shard}")
             writer.commit(samples_to_table([s for s, _, _ in chunk]), done)
     return {s.key: outcome for s, _, outcome in items}
 
@@ -122,4 +127,4 @@ def write_features(output: Path, config) -> list[DoneMarker]:
     layout = Layout(str(output))
     worker = FeaturesWorker(layout, config)
     worker.setup()
-    return [worker.process(shard) for shard in layout.captions().done_shards()]
+    return [worker.process(shard) for shard in layout.images.done_shards()]

@@ -13,7 +13,7 @@ from curation.features.vae import VaeFeatureConfig, VaeFeatures, cover_size
 from curation.imaging import decode_image
 from curation.layout import Layout
 from curation.records import table_to_samples
-from curation.shards import DoneMarker, StageDir
+from curation.shards import DoneMarker, StageDir, config_hash
 from curation.tiny.t5 import build_tiny_t5
 from curation.tiny.vae import build_tiny_vae
 from tests.features import make_caption_shards, write_features
@@ -87,9 +87,9 @@ def test_vae_sidecar_latents_are_at_the_bucket_size(made, models):
     assert rows["zz_corrupt"]["status"] == "failed" and rows["zz_corrupt"]["error_reason"] == "truncated_image"
     assert "zz_corrupt" in rows["zz_corrupt"]["error"]
     assert rows["zz_nocaption"]["status"] == "ok"  # the text failed, not the image
-    captions = StageDir(f"{out}/captions")
-    samples = {s.key: s for sh in captions.done_shards() for s in table_to_samples(captions.read_index(sh))}
-    images = {k: m["jpg"] for sh in captions.done_shards() for k, m in captions.iter_samples(sh)}
+    images = StageDir(f"{out}/images")
+    samples = {s.key: s for sh in images.done_shards() for s in table_to_samples(images.read_index(sh))}
+    pixels = {k: m["jpg"] for sh in images.done_shards() for k, m in images.iter_samples(sh)}
     vae = VaeFeatures(VaeFeatureConfig(models[1]))
     vae.setup()
     for key, m in members.items():
@@ -109,19 +109,19 @@ def test_vae_sidecar_latents_are_at_the_bucket_size(made, models):
         assert (rows[key]["height"], rows[key]["width"]) == (h, w)
         # Equal to encoding the image directly; JPEGs are decoded DCT-scaled to just cover the bucket.
         ch, cw = cover_size(s.height, s.width, (h, w))
-        direct = vae.encode([decode_image(images[key], target_size=(cw, ch))], (h, w))[0]
+        direct = vae.encode([decode_image(pixels[key], target_size=(cw, ch))], (h, w))[0]
         np.testing.assert_allclose(direct, latent, atol=1e-4)
-        full = vae.encode([decode_image(images[key])], (h, w))[0]
+        full = vae.encode([decode_image(pixels[key])], (h, w))[0]
         assert np.abs(full - latent).mean() < 0.1 * np.abs(full).mean()
     assert members["zz_tall"]["vae.npy"] and rows["zz_tall"]["bucket"] == "4.0"
 
 
-def test_sidecars_keep_the_captions_order_and_read_with_webdataset(made):
+def test_sidecars_keep_the_images_order_and_read_with_webdataset(made):
     out, *_ = made
-    captions = StageDir(f"{out}/captions")
+    images = StageDir(f"{out}/images")
     for name in ("t5", "vae256ms"):
-        for shard in captions.done_shards():
-            order = [r["key"] for r in captions.read_index(shard).to_pylist()]
+        for shard in images.done_shards():
+            order = [r["key"] for r in images.read_index(shard).to_pylist()]
             written = [k for k, _ in StageDir(f"{out}/features/{name}").iter_samples(shard)]
             assert written == [k for k in order if k in written]
             samples = list(wds.WebDataset(f"{out}/features/{name}/{shard}.tar", shardshuffle=False))
@@ -188,7 +188,10 @@ def test_sidecar_done_markers_keep_their_keys_and_values(made):
             "members", "seconds",
         } | extra  # fmt: skip
         assert marker["stage"] == f"features/{name}" and marker["shard"] == "00000" and marker["rows"] == 4
-        assert marker["input_lineage"] == ""  # the test's captions shards keep no lineage
+        # Made from the images shard; the default set's T5 from its captions shard too.
+        images = StageDir(f"{out}/images").read_done("00000").upstream
+        expected = config_hash({"input": images, "set": "captions-00000"}) if name == "t5" else images
+        assert marker["input_lineage"] == expected
     t5 = json.loads((out / "features" / "t5" / "00000.done.json").read_text())
     assert t5["semantics"] == {"t5": t5["semantics"]["t5"], "max_length": 16, "dtype": "float16", "field": "caption",
                                "clean_caption": True}  # fmt: skip
@@ -215,7 +218,7 @@ def test_config_hashes_and_sidecar_names_are_unchanged():
         assert list(config.sidecars()) == list(sidecars)  # T5 first, then the resolutions in order
 
 
-def test_the_stage_declares_one_pass_over_the_captions_shards(made):
+def test_the_stage_declares_one_pass_over_the_images_shards(made):
     import dataclasses
 
     from curation.features.stage import KINDS, FeaturesStage

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 from curation.records import Sample, samples_to_table
@@ -10,19 +11,23 @@ CORPUS = SHARED / "data" / "captions" / "coco_val2017_5005.jsonl"
 
 
 def _set_shards(out, folder: str, captions: list[dict], per_shard: int, original: bool) -> None:
-    """Shards of one caption set as the caption stage writes them (named sets hold no image bytes)."""
-    stage = StageDir(f"{out}/{folder}")
+    """Shards of one caption set as the caption stage writes them (text and records), and the images shards of
+    the same samples as ingest writes them (with the first word as "alt-text" when `original`)."""
     for start in range(0, len(captions), per_shard):
-        samples = []
-        with ShardWriter(stage, f"{start // per_shard:05d}") as writer:
+        samples, shard = [], f"{start // per_shard:05d}"
+        with ShardWriter(StageDir(f"{out}/{folder}"), shard) as writer:
             for c in captions[start : start + per_shard]:
                 s = Sample(key=c["key"], source="folder", source_id=c["key"], ext="jpg", caption=c["caption"])
                 s.original_caption = c["caption"].split(" ")[0] if original else None
                 s.set_size(480, 640)
                 samples.append(s)
-                image = {"jpg": b""} if folder == "captions" else {}  # only the default set holds the bytes
-                writer.add(s.key, {"txt": c["caption"].encode(), "json": s.to_json(), **image})
-            writer.commit(samples_to_table(samples), DoneMarker(writer.shard, stage=folder))
+                writer.add(s.key, {"txt": c["caption"].encode(), "json": s.to_json()})
+            writer.commit(samples_to_table(samples), DoneMarker(shard, stage=folder))
+        with ShardWriter(StageDir(f"{out}/images"), shard) as images:
+            ingested = [dataclasses.replace(s, caption=None) for s in samples]
+            for s in ingested:
+                images.add(s.key, {"jpg": b"", "json": s.to_json()})
+            images.commit(samples_to_table(ingested), DoneMarker(shard, stage="images", lineage=f"images-{shard}"))
 
 
 def _reference(texts: list[str]) -> NounStats:

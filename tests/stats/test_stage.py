@@ -15,18 +15,26 @@ CORPUS = SHARED / "data" / "captions" / "coco_val2017_5005.jsonl"
 
 
 def _caption_shards(out, captions: list[dict], per_shard: int) -> None:
-    """Caption shards as the caption stage writes them, with COCO's human captions as the 'generated' text."""
-    stage = StageDir(f"{out}/captions")
+    """Images shards as ingest writes them, with a deliberately poor "alt-text" (the first word), and caption
+    shards as the caption stage writes them, with COCO's human captions as the 'generated' text."""
     for start in range(0, len(captions), per_shard):
         samples = []
-        with ShardWriter(stage, f"{start // per_shard:05d}") as writer:
+        shard = f"{start // per_shard:05d}"
+        with (
+            ShardWriter(StageDir(f"{out}/images"), shard) as images,
+            ShardWriter(StageDir(f"{out}/captions"), shard) as writer,
+        ):
             for c in captions[start : start + per_shard]:
-                s = Sample(key=c["key"], source="folder", source_id=c["key"], ext="jpg", caption=c["caption"])
-                s.original_caption = c["caption"].split(" ")[0]  # a deliberately poor "alt-text"
+                s = Sample(key=c["key"], source="folder", source_id=c["key"], ext="jpg")
+                s.original_caption = c["caption"].split(" ")[0]
                 s.set_size(480, 640)
+                images.add(s.key, {"jpg": b"", "json": s.to_json()})
+                s = dataclasses.replace(s, caption=c["caption"])
                 samples.append(s)
-                writer.add(s.key, {"jpg": b"", "txt": c["caption"].encode(), "json": s.to_json()})
-            writer.commit(samples_to_table(samples), DoneMarker(writer.shard, stage="captions"))
+                writer.add(s.key, {"txt": c["caption"].encode(), "json": s.to_json()})
+            ingested = [dataclasses.replace(s, caption=None) for s in samples]
+            images.commit(samples_to_table(ingested), DoneMarker(shard, stage="images", lineage=f"images-{shard}"))
+            writer.commit(samples_to_table(samples), DoneMarker(shard, stage="captions"))
 
 
 def test_shards_on_ray_merge_to_the_single_process_totals(tmp_path, ray_local):
@@ -72,7 +80,7 @@ def test_corpus_report_matches_the_reference_counts(tmp_path):
     assert "COCO" in (tmp_path / "report" / "table1.md").read_text() and html.endswith("index.html")
 
 
-def test_a_changed_field_is_refused_unless_forced(tmp_path, ray_local):
+def test_the_field_chooses_rows_and_an_earlier_releases_partials_are_kept(tmp_path, ray_local):
     captions = [json.loads(line) for line in CORPUS.read_text().splitlines()[:40]]
     out = tmp_path / "run"
     _caption_shards(out, captions, per_shard=20)
@@ -85,18 +93,21 @@ def test_a_changed_field_is_refused_unless_forced(tmp_path, ray_local):
     assert set(raw) == {"stage", "shard", "rows", "config_hash", "input_lineage", "lineage", "by_caption_bytes",
                         "by_skipped", "started", "seconds"}  # fmt: skip
     assert raw["stage"] == "stats" and raw["rows"] == 20 and raw["by_skipped"] == raw["by_caption_bytes"] == {}
-    before = {s: stats.read_done(s).config_hash for s in stats.done_shards()}
-    # Another field choice is another configuration: refused, nothing touched, until --force.
-    with pytest.raises(SetupError, match="--force"):
-        run_stats(str(out), StatsConfig(field="caption"), progress=False)
-    assert {s: stats.read_done(s).config_hash for s in stats.done_shards()} == before
-    forced, _ = run_stats(str(out), StatsConfig(field="caption"), force=True, progress=False)
-    assert forced.shards_run == 2 and forced.samples == len(captions)
+    # The originals come from the ingest records, in their own partials.
+    assert Layout(str(out)).stats_original.done_shards() == ["00000", "00001"]
+    # The field chooses the rows: every set's partials hold its captions only, so nothing is counted again.
+    again, _ = run_stats(str(out), StatsConfig(field="caption"), progress=False)
+    assert again.shards_run == 0
     rows = json.loads((out / "report" / "table1.json").read_text())
     assert [r["name"] for r in rows] == ["run (generated captions)"]
     assert rows[0] == count_captions(c["caption"] for c in captions).table1_row("run (generated captions)")
-    chash = config_hash(StatsConfig(field="caption").semantics())
-    assert {stats.read_done(s).config_hash for s in stats.done_shards()} == {chash} != set(before.values())
+    # Partials of an earlier release (the default set's, counting the originals too) are kept, not refused.
+    legacy = config_hash({"fields": ["caption", "original"]})
+    for shard in stats.done_shards():
+        marker = json.loads((out / "stats" / f"{shard}.done.json").read_text())
+        (out / "stats" / f"{shard}.done.json").write_text(json.dumps(marker | {"config_hash": legacy}))
+    kept, _ = run_stats(str(out), StatsConfig(), progress=False)
+    assert kept.shards_run == 0 and {stats.read_done(s).config_hash for s in stats.done_shards()} == {legacy}
 
 
 def test_config_keeps_its_hash():
