@@ -21,7 +21,7 @@ import fsspec
 import fsspec.implementations.local
 
 from curation.errors import SourceError
-from curation.imaging import ImageDecodeError, check_complete, header_size
+from curation.imaging import ImageDecodeError, header_size
 from curation.layout import Layout
 from curation.records import Sample, count_statuses, decode_utf8, escape_surrogates, samples_to_table
 from curation.shards import DoneMarker, ShardWriter, config_hash, lineage
@@ -163,8 +163,7 @@ def _image(sample: Sample, item: SourceItem, data: dict[Member, bytes | Exceptio
         sample.fail("read_error", f"{type(image).__name__}: {image}")
         return None
     try:
-        check_complete(image)  # first: a cut file may not even open, and its reason is that it was cut
-        width, height = header_size(image)
+        width, height = header_size(image, complete=True)
     except ImageDecodeError as exc:
         sample.fail(exc.reason, str(exc))
         return None

@@ -18,6 +18,7 @@ from curation.imaging import (
     REASONS,
     ImageDecodeError,
     _jpeg_header,
+    check_complete,
     decode_image,
     header_size,
     prefetch,
@@ -244,3 +245,34 @@ def test_prefetch_stops_when_the_consumer_stops() -> None:
     assert len(calls) <= 4
     with pytest.raises(ValueError):
         next(prefetch([1], str, threads=0, ahead=1))
+
+
+def _kind(data: bytes) -> str | None:
+    return next((k for k, magic in (("jpeg", b"\xff\xd8\xff"), ("png", b"\x89PNG"), ("gif", b"GIF8"),
+                                    ("webp", b"RIFF")) if data.startswith(magic)), None)  # fmt: skip
+
+
+def test_end_check_passes_every_whole_file_and_fails_each_cut_one() -> None:
+    """Ingest's cheap end check (`header_size(complete=True)`) on all of ../shared/data: the files the manifest
+    says load whole pass (trailing bytes after the end included), and each JPEG, PNG, GIF and WebP cut short fails
+    `truncated_image`, also when the cut leaves a sound header (a JPEG with an EXIF thumbnail, its own EOI early)."""
+    manifest = {e["file"]: e for e in MANIFEST}
+    files = [
+        p for p in sorted(SHARED.joinpath("data").rglob("*")) if p.is_file() and p.suffix not in (".json", ".jsonl")
+    ]
+    checked = 0
+    for path in files:
+        data = path.read_bytes()
+        entry = manifest.get(path.relative_to(EDGE).as_posix()) if path.is_relative_to(EDGE) else None
+        whole = entry is None or entry.get("load") == "ok"
+        if whole and _kind(data):
+            check_complete(data)
+            header_size(data, complete=True)
+            for keep in (0.5, 0.9):
+                with pytest.raises(ImageDecodeError) as err:
+                    header_size(data[: int(len(data) * keep)], complete=True)
+                assert err.value.reason == "truncated_image", (path, keep)
+            checked += 1
+    assert checked > 60
+    with pytest.raises(ImageDecodeError, match="truncated_image"):
+        header_size((EDGE / "truncated" / "truncated_jpeg.jpg").read_bytes(), complete=True)
