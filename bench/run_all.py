@@ -18,6 +18,7 @@ BENCHES = [
     "bench_caption_cpu.py",
     "bench_features_cpu.py",
     "bench_dedup.py",
+    "bench_browse.py",
 ]
 
 

@@ -4,6 +4,7 @@ dataclass (see `curation.stage` for the field metadata). Every stage is resumabl
     curation <stage> --output OUT [config flags] [--force] [--ray-address ADDR] [--no-progress]
     curation run --output OUT [every in-run stage's flags, as --<stage>-<flag> or unique ones bare] [--no-<stage>]
     curation logs --output OUT [--stage LABEL]
+    curation browse --output OUT [--host 127.0.0.1] [--port 8470]
     curation make-tiny-models FOLDER
 
 Nothing here names a stage (but the legacy flag table below): a new stage is its module and one registry line.
@@ -235,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for cls, _ in stages:
-        if cls.name in ("run", "logs", "make-tiny-models"):
+        if cls.name in ("run", "logs", "browse", "make-tiny-models"):
             raise TypeError(f"{cls.__name__}: stage name {cls.name!r} is taken by a built-in command")
         p = sub.add_parser(cls.name, help=cls.help, description=cls.help)
         _common(p)
@@ -252,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default=None, metavar="LABEL", help="one pass only (images, captions, dedup/hashes ...)")
     _verbose(p, argparse.SUPPRESS)
     p.set_defaults(handler=_logs)
+
+    p = sub.add_parser("browse", help="a local read-only web app over an output: images, caption sets, filters")
+    p.add_argument("--output", required=True, help="the output folder or URL (s3://bucket/prefix)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8470, help="port (default: 8470; 0 picks a free one)")
+    _verbose(p, argparse.SUPPRESS)
+    p.set_defaults(handler=_browse)
 
     p = sub.add_parser("make-tiny-models", help="build tiny random LLaVA, T5 and VAE checkpoints (tests, demo)")
     p.add_argument("folder")
@@ -366,6 +374,12 @@ def _logs(args: argparse.Namespace) -> int:
     for record in read_logs(Layout(args.output), args.stage):
         print(json.dumps(record, sort_keys=True))
     return 0
+
+
+def _browse(args: argparse.Namespace) -> int:
+    from curation.browse.app import serve
+
+    return serve(args.output, args.host, args.port)
 
 
 def _make_tiny_models(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import fsspec.implementations.local
 from curation.errors import SourceError
 from curation.imaging import ImageDecodeError, header_size
 from curation.layout import Layout
-from curation.records import Sample, count_statuses, decode_utf8, escape_surrogates, samples_to_table
+from curation.records import Sample, count_statuses, decode_utf8, escape_surrogates, images_table
 from curation.shards import DoneMarker, ShardWriter, config_hash, lineage
 from curation.sources import SOURCES, plan_source
 from curation.sources.base import Member, SourceItem, load_json, read_members
@@ -114,17 +114,19 @@ class IngestWriter:
             wanted.extend(m for m in (item.image, item.caption, item.meta) if m is not None)
         data = dict(read_members(wanted))
         samples, repaired = [], Counter()
+        members: dict[str, tuple[int, int]] = {}  # key -> where its image's bytes lie in the tar
         with ShardWriter(self.stage_dir, shard) as writer:
             for item in sorted(items, key=lambda i: i.key):
                 sample, image = ingest_item(item, data, repaired)
                 samples.append(sample)
                 if image is not None:
-                    writer.add(sample.key, {sample.ext: image, "json": sample.to_json()})
+                    where = writer.add(sample.key, {sample.ext: image, "json": sample.to_json()})
+                    members[sample.key] = where[sample.ext]
             counts = count_statuses(samples) | ({"by_repaired": dict(repaired)} if repaired else {})
             done = DoneMarker(
                 shard, stage="images", **lineage(config_hash(self.config.semantics()), None), counts=counts
             )
-            return writer.commit(samples_to_table(samples), done)
+            return writer.commit(images_table(samples, members), done)
 
 
 def ingest_item(

@@ -163,12 +163,40 @@ def count_statuses(samples: list[Sample]) -> dict[str, dict[str, int]]:
     return {"by_status": by_status, "by_reason": by_reason} | ({"by_skipped": by_skipped} if by_skipped else {})
 
 
+# Columns only `images/` indexes have: where each sample's image member's data lies in the shard's tar, so a reader
+# (`curation browse`'s thumbnails) reads one image without scanning the tar. Null for failed rows (no member), and
+# absent from outputs ingested before they existed.
+IMAGE_MEMBER_FIELDS = (
+    pa.field("member_offset", pa.int64(), nullable=True),  # bytes from the start of the tar to the member's data
+    pa.field("member_size", pa.int64(), nullable=True),  # the member's data in bytes
+)
+
+
+def images_schema() -> pa.Schema:
+    """The Arrow schema of an `images/` shard's index: the Sample columns, then `IMAGE_MEMBER_FIELDS`."""
+    base = arrow_schema()
+    return pa.schema([*base, *IMAGE_MEMBER_FIELDS], metadata=base.metadata)
+
+
+def images_table(samples: list[Sample], members: dict[str, tuple[int, int]]) -> pa.Table:
+    """An `images/` index: `members` is {key: (data offset, size)} of the image members written."""
+    rows = []
+    for s in samples:
+        offset, size = members.get(s.key, (None, None))
+        rows.append(s.to_dict() | {"member_offset": offset, "member_size": size})
+    return pa.Table.from_pylist(rows, schema=images_schema())
+
+
+def _fields_json(schema_fields: Any) -> list[dict[str, Any]]:
+    return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema_fields]
+
+
 def arrow_schema_json() -> dict[str, Any]:
     """The index's Arrow schema in a language-neutral form (what `schemas/index.schema.json` holds)."""
-    schema = arrow_schema()
     return {
         "schema_version": SCHEMA_VERSION,
-        "fields": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema],
+        "fields": _fields_json(arrow_schema()),
+        "images_fields": _fields_json(IMAGE_MEMBER_FIELDS),
     }
 
 

@@ -116,6 +116,22 @@ class StageDir:
             if key is not None:
                 yield key, members
 
+    def read_member(self, shard: str, name: str, offset: int | None = None, size: int | None = None) -> bytes:
+        """One member of a shard's tar: a byte range where its data offset and size are known (`images/` indexes
+        record them), else found by walking the tar's headers (seeking past the data, not reading it)."""
+        with self.fs.open(self.path(f"{shard}.tar"), "rb") as f:
+            if offset is not None and size is not None:
+                f.seek(offset)
+                data = f.read(size)
+                if len(data) != size:
+                    raise FileNotFoundError(f"{self.path(f'{shard}.tar')} ends inside member {name}")
+                return data
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for info in tar:
+                    if info.name == name and info.isfile():
+                        return tar.extractfile(info).read()
+        raise FileNotFoundError(f"{self.path(f'{shard}.tar')} has no member {name}")
+
     def remove_stale_temporaries(self) -> None:
         """Temporaries left by a killed writer; never visible as shards, removed so they do not pile up.
 
@@ -264,19 +280,29 @@ class ShardWriter:
             self._cleanup()
             raise _write_error(stage.path(f"{shard}.tar"), exc) from exc
 
-    def add(self, key: str, members: dict[str, bytes]) -> None:
-        """Add one sample's members ({"jpg": ..., "json": ...}); a key may be written once."""
+    def add(self, key: str, members: dict[str, bytes]) -> dict[str, tuple[int, int]]:
+        """Add one sample's members ({"jpg": ..., "json": ...}); a key may be written once.
+
+        Returns {ext: (offset of the member's data in the tar, its size)}, so an index can point at one member.
+        """
         if key in self._keys:
             raise ValueError(f"duplicate key {key!r} in shard {self.shard}")
         if "." in key or "/" in key:
             raise ValueError(f"unsafe key {key!r}: keys may not contain dots or slashes")
         self._keys.add(key)
+        where: dict[str, tuple[int, int]] = {}
+        tar = self._tar
         try:
             for ext in sorted(members):
                 data = members[ext]
-                self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+                info = _tarinfo(f"{key}.{ext}", len(data))
+                # The data follows the member's header blocks (more than one for a long name), as `addfile`
+                # writes them: the same `tobuf` bytes.
+                where[ext] = (tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors)), len(data))
+                tar.addfile(info, io.BytesIO(data))
         except OSError as exc:
             raise _write_error(self.stage.path(f"{self.shard}.tar"), exc) from exc
+        return where
 
     def commit(self, index: pa.Table, done: DoneMarker) -> DoneMarker:
         """Publish the shard: tar, then parquet index, then the done marker (last, so it marks completeness)."""

@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  PixArt-Sigma layout: {pixart_sigma} (and {pixart_sigma.parent / 'InternImgs'})")
     print(f"  Sana webdataset: {sana} (data_dir; wids-meta.json, external caption files NNNNN_alttext.json)")
     print("\n" + REAL_RUN)
+    # The virtualenv's own entry point, so the line works pasted into a shell that has not activated it.
+    command = Path(sys.executable).parent / "curation"
+    print(f"\nLook at the LAION output in a browser (then open http://127.0.0.1:8470/, Ctrl-C stops):\n"
+          f"  {command} browse --output {out / 'laion'}")  # fmt: skip
     return 0
 
 

@@ -108,7 +108,7 @@ def test_help_lists_every_registered_stage(capsys):
     printed = capsys.readouterr().out
     for cls in registry.stage_classes():
         assert cls.name in printed and cls.help.split()[0] in printed
-    for command in ("run", "logs", "make-tiny-models"):
+    for command in ("run", "logs", "browse", "make-tiny-models"):
         assert command in printed
 
 

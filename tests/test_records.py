@@ -44,3 +44,18 @@ def test_json_schema_validates_records():
     except jsonschema.ValidationError:
         return
     raise AssertionError("an unknown status must not validate")
+
+
+def test_images_index_carries_member_offsets():
+    from curation.records import images_schema, images_table
+
+    a = Sample(key="a", source="folder", source_id="a.jpg", ext="jpg")
+    b = Sample(key="b", source="folder", source_id="b.jpg", ext="jpg")
+    b.fail("truncated", "image file is truncated")
+    table = images_table([a, b], {"a": (512, 1234)})
+    assert table.schema.equals(images_schema(), check_metadata=False)
+    assert table.select(["member_offset", "member_size"]).to_pylist() == [
+        {"member_offset": 512, "member_size": 1234},
+        {"member_offset": None, "member_size": None},
+    ]
+    assert table_to_samples(table) == [a, b]  # later stages read the Sample columns only

@@ -51,6 +51,25 @@ def reference_nouns(caption: str) -> list[str]:
     return nouns
 
 
+def noun_spans(caption: str) -> list[tuple[int, int]]:
+    """(start, end) in ``caption`` of each token that ``reference_nouns`` counts, to highlight them.
+
+    Tokens are found in the text in order; the few that ``word_tokenize`` rewrites (quotes) are not nouns and are
+    passed over.
+    """
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for sentence in nltk.sent_tokenize(caption):
+        for word, tag in nltk.pos_tag(nltk.word_tokenize(sentence)):
+            at = caption.find(word, cursor)
+            if at < 0:
+                continue
+            cursor = at + len(word)
+            if tag in NOUN_TAGS:
+                spans.append((at, cursor))
+    return spans
+
+
 # Characters a tokenizer pattern needs in the text to match at all; a pass whose needs are absent is a
 # no-op and is skipped. Keyed by pattern source so a pattern NLTK changes or adds runs unguarded (slower,
 # never different). Only non-letter literals appear here, so case-insensitive flags cannot matter.

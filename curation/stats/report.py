@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,9 @@ def _plot_nouns_per_image(path: Path, stats: Mapping[str, NounStats]) -> None:
 
 
 def _plot_top_nouns(path: Path, stats: Mapping[str, NounStats]) -> None:
-    fig = _figure(3.6 * max(1, len(stats)), 7)
+    fig = _figure(3.6 * max(1, len(stats)), 7.4)
+    # One title for the figure; each panel is titled by its row's name alone, wrapped to the panel's width.
+    fig.suptitle(f"Top {TOP_NOUNS} nouns")
     axes = fig.subplots(1, max(1, len(stats)), squeeze=False)[0]
     for ax, (name, s) in zip(axes, stats.items(), strict=False):
         top = s.noun_counts.most_common(TOP_NOUNS)
@@ -145,7 +148,7 @@ def _plot_top_nouns(path: Path, stats: Mapping[str, NounStats]) -> None:
             ax.invert_yaxis()
         else:
             _no_data(ax)
-        ax.set(title=f"{name}: top {TOP_NOUNS} nouns", xlabel="occurrences")
+        ax.set(title=textwrap.fill(name, 30), xlabel="occurrences")
     if not stats:
         _no_data(axes[0])
     fig.savefig(path, format="png", dpi=100)
@@ -190,32 +193,71 @@ def _gallery_html(report_dir: Path, gallery: Sequence[Mapping[str, Any]]) -> str
         return ""
     thumbs = report_dir / "gallery"
     thumbs.mkdir(exist_ok=True)
+    for old in thumbs.glob("*"):  # a smaller gallery than last time leaves no stale thumbnails behind
+        old.unlink()
     items = []
     for i, item in enumerate(gallery):
         # Named by position: keys are upstream ids and may hold characters unfit for a file name.
-        img = ""
-        if item.get("thumbnail_png"):
-            (thumbs / f"{i:04d}.png").write_bytes(item["thumbnail_png"])
-            img = f'<img src="gallery/{i:04d}.png" alt="{html.escape(str(item.get("key", "")))}">'
-        fields = "".join(
-            f'<p class="{cls}"><b>{label}</b> {html.escape(str(item.get(field) or "")[:MAX_CAPTION_CHARS])}</p>'
-            for cls, label, field in (
-                ("key", "key", "key"),
-                ("status", "status", "caption_status"),
-                ("caption", "caption", "caption"),
-                ("original", "original", "original"),
-            )
+        key = html.escape(str(item.get("key", "")))
+        if item.get("thumbnail"):
+            (thumbs / f"{i:04d}.jpg").write_bytes(item["thumbnail"])
+            img = f'<img src="gallery/{i:04d}.jpg" alt="{key}" loading="lazy">'
+        else:
+            img = f'<div class="noimage">{html.escape(str(item.get("reason") or "no image"))}</div>'
+        status = html.escape(str(item.get("status", "")))
+        if item.get("reason"):
+            status += f": {html.escape(str(item['reason']))}"
+        lines = [f'<p class="key"><b>{key}</b> · {status} · bucket {html.escape(str(item.get("bucket") or "–"))}</p>']
+        captions = [("original", item.get("original"), None)]
+        captions += [(name, text, cs) for name, (text, cs) in dict(item.get("captions") or {}).items()]
+        for name, text, caption_status in captions:
+            label = html.escape(name) + (f" ({html.escape(caption_status)})" if caption_status else "")
+            lines.append(f'<p class="caption"><b>{label}</b> {html.escape(str(text or "")[:MAX_CAPTION_CHARS])}</p>')
+        items.append(f'<div class="item status-{status.split(":")[0]}">{img}{"".join(lines)}</div>')
+    return '<h2 id="gallery">Gallery</h2>\n<div class="gallery">\n' + "\n".join(items) + "\n</div>"
+
+
+def _tally(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{html.escape(str(k))} {v:,}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _stages_html(stages: Sequence[Any]) -> str:
+    """Every stage's rows by status, failures and skips by reason, and any other tally its markers keep."""
+    if not stages:
+        return ""
+    out = [
+        '<h2 id="stages">Stages</h2>',
+        '<table class="stages"><tr><th>stage</th><th>shards</th><th>rows</th><th>by status</th>'
+        "<th>failed, by reason</th><th>skipped, by reason</th><th>other counts</th></tr>",
+    ]
+    for st in stages:
+        counts = dict(st.counts)
+        cells = [_tally(counts.pop(name, {})) for name in ("by_status", "by_reason", "by_skipped")]
+        other = "; ".join(
+            f"{html.escape(n.removeprefix('by_').replace('_', ' '))}: {_tally(t)}" for n, t in counts.items()
         )
-        items.append(f'<div class="item">{img}{fields}</div>')
-    return '<h2>Gallery</h2>\n<div class="gallery">\n' + "\n".join(items) + "\n</div>"
+        out.append(
+            f"<tr><td>{html.escape(st.label)}</td><td>{st.shards:,}</td><td>{st.rows:,}</td>"
+            + "".join(f"<td>{c}</td>" for c in cells)
+            + f"<td>{other}</td></tr>"
+        )
+    out.append("</table>")
+    return "\n".join(out)
 
 
 _CSS = (
-    "body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
-    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-    "td:first-child,th:first-child{text-align:left}img.plot{max-width:100%;display:block;margin:1em 0}"
-    ".gallery{display:flex;flex-wrap:wrap;gap:12px}.item{width:280px;font-size:13px}"
-    ".item img{max-width:280px}.item p{margin:2px 0;white-space:pre-wrap}"
+    "body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    "td:first-child,th:first-child{text-align:left}table.stages td,table.stages th{text-align:left;font-size:13px}"
+    "nav a{margin-right:1em}"
+    ".plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:1em;align-items:start}"
+    ".plots img{width:100%;display:block}.plots img.wide{grid-column:1/-1;width:auto;max-width:100%}"
+    ".gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:12px}"
+    ".item{font-size:12px;border:1px solid #ddd;padding:6px;overflow-wrap:anywhere}"
+    ".item img{max-width:100%;max-height:160px;display:block;margin:auto}"
+    ".item p{margin:2px 0;white-space:pre-wrap}.noimage{height:120px;display:flex;align-items:center;"
+    "justify-content:center;background:#fbeaea;color:#933}.status-failed{border-color:#d99}"
+    ".status-skipped{border-color:#cc9}"
 )
 
 
@@ -226,12 +268,18 @@ def write_report(
     valid_threshold: int = VALID_THRESHOLD,
     bucket_counts: dict[str, int] | None = None,
     gallery: list[dict] | None = None,
+    stages: Sequence[Any] = (),
+    output: str | None = None,
+    duplicates: bool = False,
 ) -> Path:
     """Write Table 1 (md + json), plots and ``index.html`` into ``report_dir``; returns the html path.
 
     ``stats`` maps a dataset name (e.g. "original", "caption") to its merged counts, in table order.
     ``bucket_counts`` maps an aspect-ratio bucket key ("0.57") to its image count. Gallery items are
-    ``{"key", "thumbnail_png": PNG bytes, "caption", "caption_status", "original"}``.
+    ``{"key", "status", "reason", "bucket", "thumbnail": JPEG bytes or b"", "original", "captions": {set:
+    (caption, caption status)}}`` (``curation.stats.overview.sample_gallery``); ``stages`` are
+    ``overview.StageCounts``; ``output`` (the output's URL) adds the command that browses it; ``duplicates``: link
+    dedup's ``duplicates.html`` (written beside it).
     """
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -242,28 +290,47 @@ def write_report(
     plots = {
         "noun_rank_frequency.png": "Noun frequency by rank (log-log)",
         "nouns_per_image.png": "Nouns per image",
-        "top_nouns.png": f"Top {TOP_NOUNS} nouns",
     }
     _plot_rank_frequency(report_dir / "noun_rank_frequency.png", stats)
     _plot_nouns_per_image(report_dir / "nouns_per_image.png", stats)
-    _plot_top_nouns(report_dir / "top_nouns.png", stats)
     if bucket_counts is not None:
         _plot_buckets(report_dir / "aspect_buckets.png", bucket_counts)
         plots["aspect_buckets.png"] = "Aspect-ratio buckets"
+    _plot_top_nouns(report_dir / "top_nouns.png", stats)
+    plots["top_nouns.png"] = f"Top {TOP_NOUNS} nouns"  # last: as wide as the page, one panel per row of Table 1
 
     counts_note = "".join(
         f"<li>{html.escape(name)}: {s.empty:,} empty captions, {s.errors:,} errors</li>" for name, s in stats.items()
     )
+    links = [("#stages", "stages")] if stages else []
+    links += [("#table1", "Table 1"), ("#plots", "plots")]
+    links += [("#gallery", f"gallery ({len(gallery)})")] if gallery else []
+    if duplicates:
+        links.append(("duplicates.html", "duplicate groups"))
+    links += [("table1.md", "table1.md"), ("table1.json", "table1.json")]
+    browse = (
+        f"<p>Every sample, with filters and search: <code>curation browse --output {html.escape(output)}</code></p>"
+        if output
+        else ""
+    )
     body = [
         "<h1>Caption statistics</h1>",
+        "<nav>" + "".join(f'<a href="{href}">{html.escape(text)}</a>' for href, text in links) + "</nav>",
+        browse,
+        _stages_html(stages),
+        '<h2 id="table1">Table 1</h2>',
         f"<p>{html.escape(_rule_text(valid_threshold))}</p>",
-        "<h2>Table 1</h2>",
         _html_table(rows),
         f"<ul>{counts_note}</ul>",
         "<h2>published in the PixArt-α paper</h2>",
         _html_table(PAPER_ROWS),
-        "<h2>Plots</h2>",
-        *(f'<img class="plot" src="{f}" alt="{html.escape(alt)}">' for f, alt in plots.items()),
+        '<h2 id="plots">Plots</h2>',
+        '<div class="plots">',
+        *(
+            f'<img class="plot{" wide" if f == "top_nouns.png" else ""}" src="{f}" alt="{html.escape(alt)}">'
+            for f, alt in plots.items()
+        ),
+        "</div>",
         _gallery_html(report_dir, gallery or []),
     ]
     page = (

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import os
 import time
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 import fsspec.implementations.local
+import pyarrow as pa
 
 from curation.errors import ConfigError, SetupError
 from curation.layout import DEFAULT_SET, Layout
@@ -30,6 +30,7 @@ from curation.records import OK
 from curation.shards import DoneMarker, StageDir, config_hash, lineage, read_parquet, write_json_atomic
 from curation.stage import InputView, Pass, Resources, RunContext, Stage
 from curation.stats.nouns import VALID_THRESHOLD, NounExtractor, NounStats, count_captions, decode_caption
+from curation.stats.overview import sample_gallery, stage_counts
 from curation.stats.report import write_report
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 STAGE = "stats"
 FIELDS = ("caption", "original")
 FIELD_CHOICES = {"caption": ("caption",), "original": ("original",), "both": FIELDS}
-GALLERY_SIZE = 12
 SET_SEMANTICS = {"fields": ["caption"]}  # a caption set's partials: its captions only
 LEGACY_DEFAULT_SEMANTICS = {"fields": ["caption", "original"]}  # `captions/`' partials before sets were peers
 
@@ -154,6 +154,7 @@ class StatsStage(Stage):
             )
             return self._table()
         buckets = merge_originals(layout.output)[1]
+        dup_fs, dup_path = fsspec.core.url_to_fs(layout.report("duplicates.html"))  # dedup's page, linked
         ordered = table_rows(layout.output, config, self.sets) | compare_rows(config.compare, config.valid_threshold)
         self.result = write_local_report(
             layout.report(),
@@ -162,7 +163,10 @@ class StatsStage(Stage):
                 ordered,
                 valid_threshold=config.valid_threshold,
                 bucket_counts=buckets,
-                gallery=gallery(layout.output),
+                gallery=sample_gallery(layout),
+                stages=stage_counts(layout),
+                output=layout.output,
+                duplicates=dup_fs.exists(dup_path),
             ),
         )
         return self._table()
@@ -205,9 +209,12 @@ class StatsWorker:
                 skipped[reason] = skipped.get(reason, 0) + 1
         partial: dict[str, Any] = {}
         invalid_utf8 = 0
+        # Per sample, for sorting in `curation browse`: {key: nouns of the caption counted}.
+        counted: dict[str, int | None] = {}
+        stats = NounStats()
         if self.originals:
-            originals = [r["original_caption"] for r in rows]
-            partial["original"] = count_captions(originals, extractor=self.extractor).to_json()
+            counted = {r["key"]: self._count(stats, r["original_caption"]) for r in rows}
+            partial["original"] = stats.to_json()
             buckets: dict[str, int] = {}
             for r in rows:
                 buckets[r["bucket_1024"]] = buckets.get(r["bucket_1024"], 0) + 1
@@ -215,15 +222,15 @@ class StatsWorker:
         else:
             # Captions are read from the tar's `.txt` members: they are what trainers read, and may be foreign bytes.
             ok = {r["key"] for r in rows}
-            texts = []
             for key, members in self.source.iter_samples(shard):
                 if key not in ok:
                     continue
                 text, invalid = decode_caption(members.get("txt", b""))
                 invalid_utf8 += invalid
-                texts.append(text)
-            partial["caption"] = count_captions(texts, extractor=self.extractor).to_json()
+                counted[key] = self._count(stats, text)
+            partial["caption"] = stats.to_json()
         write_json_atomic(self.stage_dir.url_of(f"{shard}.json"), partial)
+        self.stage_dir.write_index(shard, nouns_table(counted))
         done = DoneMarker(
             shard,
             stage=STAGE,
@@ -234,6 +241,18 @@ class StatsWorker:
         )
         done.seconds = round(time.time() - started, 3)
         return self.stage_dir.write_done(done)  # last
+
+    def _count(self, stats: NounStats, text: str | None) -> int | None:
+        """Count one caption into `stats`; returns its nouns (None when extraction failed)."""
+        before, errors = stats.total_nouns, stats.errors
+        stats.add_caption(text, extractor=self.extractor)
+        return None if stats.errors > errors else stats.total_nouns - before
+
+
+def nouns_table(counted: dict[str, int | None]) -> pa.Table:
+    """`<stats folder>/NNNNN.parquet`: key and the nouns of its caption (null where extraction failed), by key."""
+    keys = sorted(counted)
+    return pa.table({"key": pa.array(keys, pa.string()), "nouns": pa.array([counted[k] for k in keys], pa.int32())})
 
 
 def filter_reasons() -> frozenset[str]:
@@ -269,46 +288,6 @@ def merge_originals(output: str) -> tuple[NounStats, dict[str, int]]:
         for key, n in partial.get("buckets_1024", {}).items():
             buckets[key] = buckets.get(key, 0) + n
     return totals, buckets
-
-
-def gallery(output: str, limit: int = GALLERY_SIZE) -> list[dict[str, Any]]:
-    """A few captioned samples with thumbnails, for a person to eyeball the captions next to their images: the
-    first caption set's captions (the default set when it exists), the images from `images/`."""
-    from PIL import Image
-
-    from curation.imaging import ImageDecodeError, decode_image
-
-    layout = Layout(output)
-    sets = layout.caption_sets()
-    if not sets:
-        return []
-    captions = layout.captions(sets[0])
-    items: list[dict[str, Any]] = []
-    for shard in captions.done_shards():
-        rows = {r["key"]: r for r in captions.read_index(shard).to_pylist() if r["status"] == OK}
-        for key, members in layout.images.iter_samples(shard):
-            if key not in rows:
-                continue
-            row = rows[key]
-            try:
-                image = decode_image(members[row["ext"]], target_size=(160, 160))
-            except (ImageDecodeError, KeyError):
-                continue
-            image.thumbnail((160, 160), Image.Resampling.LANCZOS)
-            png = io.BytesIO()
-            image.save(png, "PNG")
-            items.append(
-                {
-                    "key": key,
-                    "thumbnail_png": png.getvalue(),
-                    "caption": row["caption"],
-                    "caption_status": row.get("caption_status"),
-                    "original": row.get("original_caption"),
-                }
-            )
-            if len(items) >= limit:
-                return items
-    return items
 
 
 def table_rows(output: str, config: StatsConfig, sets: list[str]) -> dict[str, NounStats]:

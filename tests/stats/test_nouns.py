@@ -222,3 +222,13 @@ def test_table1_row_of_nothing_is_zeros():
         "total_nouns": 0,
         "nouns_per_image": 0.0,
     }
+
+
+def test_noun_spans_mark_exactly_the_reference_nouns(coco_captions):
+    """What `curation browse` highlights: the spans' text is the rule's nouns, in order, on real and hostile text."""
+    from curation.stats.nouns import noun_spans
+
+    for caption in [*coco_captions[:500], 'A cat <script>alert(1)</script> & "a dog\'s bone".', "  ", "Üñí café."]:
+        spans = noun_spans(caption)
+        assert [caption[a:b].lower() for a, b in spans] == reference_nouns(caption), caption
+        assert all(b1 <= a2 for (_, b1), (a2, _) in pairwise(spans))  # in order, never overlapping

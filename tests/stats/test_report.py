@@ -38,19 +38,38 @@ def stats() -> dict[str, NounStats]:
     }
 
 
+def _jpeg(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
 def test_report_writes_tables_plots_and_gallery(tmp_path, stats):
+    from curation.stats.overview import StageCounts
+
     gallery = [
         {
             "key": "sa_1<b>&",
-            "thumbnail_png": _png((200, 30, 30)),
-            "caption": "<script>alert('x')</script> A dog & a cat.",
-            "caption_status": "ok",
+            "status": "ok",
+            "reason": None,
+            "bucket": "1.0",
+            "thumbnail": _jpeg((200, 30, 30)),
+            "captions": {"default": ("<script>alert('x')</script> A dog & a cat.", "ok")},
             "original": 'a "quoted" <i>original</i>',
         },
-        {"key": "blank", "thumbnail_png": b"", "caption": None, "caption_status": "empty", "original": None},
-    ]
+        {"key": "blank", "status": "failed", "reason": "truncated<", "bucket": None, "thumbnail": b"",
+         "captions": {}, "original": None},
+    ]  # fmt: skip
+    stages = [
+        StageCounts("images", 2, 20, {"by_status": {"ok": 18, "failed": 2}, "by_reason": {"truncated<": 2}}),
+        StageCounts("captions", 2, 20, {"by_status": {"ok": 17}, "by_skipped": {"duplicate": 1},
+                                        "by_caption_status": {"ok": 16, "empty": 1}}),
+    ]  # fmt: skip
     buckets = {"1.0": 12, "0.57": 3, "1.75": 2}
-    index = write_report(tmp_path / "report", stats, bucket_counts=buckets, gallery=gallery)
+    index = write_report(
+        tmp_path / "report", stats, bucket_counts=buckets, gallery=gallery, stages=stages, output="o<u>t",
+        duplicates=True,
+    )  # fmt: skip
     report = tmp_path / "report"
     assert index == report / "index.html"
 
@@ -62,11 +81,12 @@ def test_report_writes_tables_plots_and_gallery(tmp_path, stats):
     assert original["images"] == caption["images"] == 80
     assert caption["nouns_per_image"] > 3 * original["nouns_per_image"]  # five captions say more than one
 
-    for name in [*PLOTS, "aspect_buckets.png", "gallery/0000.png"]:
+    for name in [*PLOTS, "aspect_buckets.png"]:
         with Image.open(report / name) as im:
             assert im.format == "PNG"
             im.verify()
-    assert not (report / "gallery" / "0001.png").exists()
+    assert Image.open(report / "gallery" / "0000.jpg").format == "JPEG"
+    assert not (report / "gallery" / "0001.jpg").exists()
 
     md = (report / "table1.md").read_text(encoding="utf-8")
     ours, paper = md.split("## published in the PixArt-α paper")
@@ -78,8 +98,13 @@ def test_report_writes_tables_plots_and_gallery(tmp_path, stats):
     page = index.read_text(encoding="utf-8")
     assert "<script>" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
     assert "sa_1&lt;b&gt;&amp;" in page and "<i>original</i>" not in page
-    for name in [*PLOTS, "aspect_buckets.png", "gallery/0000.png"]:
+    for name in [*PLOTS, "aspect_buckets.png", "gallery/0000.jpg"]:
         assert f'src="{name}"' in page
+    # Every stage's counts, the failed sample's reason in the gallery, links to the other pages.
+    assert "failed 2" in page and "truncated&lt; 2" in page and "duplicate 1" in page and "empty 1" in page
+    assert '<div class="noimage">truncated&lt;</div>' in page
+    assert 'href="duplicates.html"' in page and 'href="table1.md"' in page
+    assert "curation browse --output o&lt;u&gt;t" in page
 
 
 def test_report_without_buckets_or_data(tmp_path):
