@@ -24,7 +24,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.records import safe_key
+from curation.records import escape_surrogates, safe_key
 from curation.shards import read_parquet, write_bytes_atomic
 from curation.sources.base import (
     ANNOTATION_SUFFIXES,
@@ -121,16 +121,17 @@ def _annotation_rows(files: list[str]) -> Iterator[dict]:
             try:
                 record = json.loads(line)
                 img_path = record["img_path"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise SourceError(f"{where}: not a JourneyDB annotation line ({exc})") from exc
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as exc:
+                raise SourceError(f"{where}: not a JourneyDB annotation line ({type(exc).__name__}: {exc})") from exc
             if not isinstance(img_path, str):
                 raise SourceError(f"{where}: img_path must be a string, got {img_path!r}")
             prompt, task2 = record.get("prompt"), record.get("Task2")
             caption = task2.get("Caption") if isinstance(task2, dict) else None
+            # Lone surrogates (a `\\ud800` escape) cannot be written as UTF-8: kept as visible escape text.
             yield {
-                "img_path": img_path,
-                "prompt": None if prompt is None else str(prompt),
-                "task2_caption": None if caption is None else str(caption),
+                "img_path": escape_surrogates(img_path)[0],
+                "prompt": None if prompt is None else escape_surrogates(str(prompt))[0],
+                "task2_caption": None if caption is None else escape_surrogates(str(caption))[0],
                 "line": where,
             }
 

@@ -19,6 +19,7 @@ import pytest
 
 from curation.sources.base import MAX_MEMBER_BYTES
 from tests.conftest import EDGE_CASES
+from tests.layouts import make_journeydb
 from tests.outputs import index_rows
 from tests.reliability import cli, one_error_line
 
@@ -246,3 +247,14 @@ def test_an_input_of_nothing_but_damage_is_one_line_naming_it(tmp_path, name, da
     (tmp_path / "in" / name).write_bytes(data)
     line = one_error_line(cli(*_ingest("img2dataset", tmp_path / "in", tmp_path / "out")), "ingest")
     assert "no images found" in line and expected.format(tmp_path / "in" / name) in line, line
+
+
+def test_journeydb_annotations_with_a_lone_surrogate_are_stored_escaped(tmp_path, coco_files):
+    src, out = make_journeydb(tmp_path / "in", coco_files[:2], missing=0), tmp_path / "out"
+    annotations = src / "annotation.jsonl"
+    annotations.write_text(annotations.read_text().replace("a photo number 0", "a \\ud800 photo number 0"))
+    proc = cli(*_ingest("journeydb", src, out))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    rows = index_rows(out, "images")
+    assert rows["0000deadbeef"]["original_caption"].startswith("a \\ud800 photo number 0")
+    assert rows["0000deadbeef"]["status"] == rows["0001deadbeef"]["status"] == "ok"
