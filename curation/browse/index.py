@@ -325,8 +325,9 @@ class OutputIndex:
             page=max(1, int(_number(params.get("page")) or 1)),
         )
 
-    def _plan(self, query: Query) -> tuple[str, str, list[Any], str]:
-        """FROM ... WHERE ... of the query's count and of its page, their parameters and the ORDER BY expression.
+    def _plan(self, query: Query) -> tuple[str, str, list[Any], str, str]:
+        """FROM ... WHERE ... of the query's count and of its page, their parameters, the ORDER BY expression and
+        the alias of the page's base (whose `key` and `filename` name the page's samples).
 
         The images index is the base (every sample); another stage's view is joined only when a filter or the sort
         reads it, so the plain grid reads the images index's key column and nothing else.
@@ -347,6 +348,7 @@ class OutputIndex:
                 where.append(f"{alias}.error_reason = ?")
                 params.append(query.reason)
         if query.bucket:
+            used.add("i")
             where.append("i.bucket_1024 = ?")
             params.append(query.bucket)
         if query.caption_status and text_set in self.sets:
@@ -370,19 +372,27 @@ class OutputIndex:
                 where.append(f"{expr} <= ?")
                 params.append(hi)
         filtered = set(used)  # what the count needs: a join only the sort reads cannot change it
-        order = "i.key DESC" if query.desc else "i.key"
-        if query.sort != "key":
-            alias, expr = numeric[query.sort]
-            used.add(alias)
-            order = f"{expr} {'DESC' if query.desc else 'ASC'} NULLS LAST, i.key"
+        sort = numeric[query.sort] if query.sort != "key" else None
+        if sort is not None:
+            used.add(sort[0])
         views = self._alias_views(query)
         condition = " WHERE " + " AND ".join(where) if where else ""
 
-        def source(aliases: set[str]) -> str:
+        def source(aliases: set[str]) -> tuple[str, str]:
+            """(the base's alias, FROM ... WHERE ...). Filters that read one other stage's view alone are run on that
+            view, not on a join with every sample's images row: a sample missing from it cannot pass them."""
+            if where and len(aliases) == 1 and "i" not in aliases:
+                (alias,) = aliases
+                return alias, f"FROM {views[alias]} {alias}{condition}"
             joins = "".join(f" LEFT JOIN {views[a]} {a} ON {a}.key = i.key" for a in sorted(aliases) if a != "i")
-            return f"FROM images i{joins}{condition}"
+            return "i", f"FROM images i{joins}{condition}"
 
-        return source(filtered), source(used), params, order
+        (_, counted), (base, sql) = source(filtered), source(used)
+        key = f"{base}.key"
+        order = f"{key} DESC" if query.desc else key
+        if sort is not None:
+            order = f"{sort[1]} {'DESC' if query.desc else 'ASC'} NULLS LAST, {key}"
+        return counted, sql, params, order, base
 
     def _alias_views(self, query: Query) -> dict[str, str]:
         """The view each alias of `_plan` joins."""
@@ -397,7 +407,7 @@ class OutputIndex:
 
     def page(self, query: Query) -> Page:
         """The count of matching samples and the rows of the requested page (with the shown set's captions)."""
-        counted, sql, params, order = self._plan(query)
+        counted, sql, params, order, base = self._plan(query)
         offset = (query.page - 1) * self.page_size
         cursor = self.db.cursor()
         try:
@@ -407,7 +417,8 @@ class OutputIndex:
                 # Only the key and its file go through the sort; the page's other columns are read afterwards from
                 # its shards alone.
                 cursor.execute(
-                    f"SELECT i.key, i.filename {sql} ORDER BY {order} LIMIT {self.page_size} OFFSET {offset}", params
+                    f"SELECT {base}.key, {base}.filename {sql} ORDER BY {order} LIMIT {self.page_size} OFFSET {offset}",
+                    params,
                 )
                 keys = [_with_shard({"key": k, "filename": f}) for k, f in cursor.fetchall()]
         except duckdb.InvalidInputException as exc:

@@ -75,6 +75,14 @@ def test_queries_match_the_indexes(browse_output):
     alttext = index_rows(browse_output, "captions-alttext")
     at_stage = index.page(index.from_params({"stage": "alttext", "status": "failed", "reason": "no_original"}))
     assert {r["key"] for r in at_stage.rows} == {k for k, r in alttext.items() if r["error_reason"] == "no_original"}
+    # Filters on two views at once: the images index's bucket and a caption set's status.
+    bucket = rows["hostile"]["bucket_1024"]
+    both = index.page(index.from_params({"bucket": bucket, "stage": "alttext", "status": "ok"}))
+    assert (
+        {r["key"] for r in both.rows}
+        == {k for k, r in alttext.items() if r["status"] == "ok" and rows[k]["bucket_1024"] == bucket}
+        != set()
+    )
     # Search: a word of one original caption, as a phrase and as a regex; markup is plain text to search.
     hit = index.page(index.from_params({"set": "original", "q": "<SCRIPT>alert(1)"}))
     assert [r["key"] for r in hit.rows] == ["hostile"]
