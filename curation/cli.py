@@ -3,7 +3,7 @@ dataclass (see `curation.stage` for the field metadata). Every stage is resumabl
 
     curation <stage> --output OUT [config flags] [--force] [--ray-address ADDR] [--no-progress]
     curation run --output OUT [every in-run stage's flags, as --<stage>-<flag> or unique ones bare] [--no-<stage>]
-    curation logs --output OUT [--stage LABEL]
+    curation logs --output OUT [--stage LABEL] [--all]
     curation browse --output OUT [--host 127.0.0.1] [--port 8470]
     curation make-tiny-models FOLDER
 
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", help="the output's per-shard log records, one JSON line each")
     p.add_argument("--output", required=True, help="the run's output folder or URL")
     p.add_argument("--stage", default=None, metavar="LABEL", help="one pass only (images, captions, dedup/hashes ...)")
+    p.add_argument("--all", action="store_true", help="every attempt of every run (default: each shard's latest)")
     _verbose(p, argparse.SUPPRESS)
     p.set_defaults(handler=_logs)
 
@@ -368,10 +369,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from curation.layout import Layout
-    from curation.runner import read_logs
+    import fsspec
 
-    for record in read_logs(Layout(args.output), args.stage):
+    from curation.errors import SetupError
+    from curation.layout import Layout
+    from curation.runner import logged_stages, read_logs
+
+    layout = Layout(args.output)
+    fs, root = fsspec.core.url_to_fs(args.output)
+    if not fs.exists(root):
+        raise SetupError(f"the output {args.output} does not exist")
+    if args.stage is not None and args.stage not in (stages := logged_stages(layout)):
+        has = f"it has logs of: {', '.join(stages)}" if stages else "it has no logs yet"
+        raise SetupError(f"no logs of stage {args.stage!r} in {args.output}; {has}")
+    for record in read_logs(layout, args.stage, every_attempt=args.all):
         print(json.dumps(record, sort_keys=True))
     return 0
 

@@ -29,7 +29,7 @@ from curation.sources import SOURCES, plan_source
 from curation.sources.base import Member, SourceItem, load_json, read_members
 from curation.sources.listing import read_listing
 from curation.sources.sa1b import sa1b_meta
-from curation.stage import Pass, Resources, RunContext, Stage
+from curation.stage import Pass, Resources, RowsDone, RunContext, Stage, no_progress
 
 if TYPE_CHECKING:
     from curation.runner import StageRun
@@ -75,7 +75,7 @@ class IngestStage(Stage):
             self.layout.listings,
             lambda label, fn, tasks: ctx.map(f"images {label}", fn, tasks, max_in_flight=config.workers),
         )
-        self.skipped, self.notes = plan.skipped, plan.notes
+        self.skipped, self.notes, self.remarks = plan.skipped, plan.notes, plan.remarks
         yield Pass(
             label="images",
             folder=self.layout.images,
@@ -88,7 +88,9 @@ class IngestStage(Stage):
     def finish(self, summaries: list) -> list[str]:
         # Input files that are no row, by reason, beside the rows' own tallies; each damaged file named once.
         summaries[-1].tally({"by_skipped": dict(self.skipped)})
-        return [f"[images] damaged input: {note}" for note in self.notes]
+        return [f"[images] {remark}" for remark in self.remarks] + [
+            f"[images] damaged input: {note}" for note in self.notes
+        ]
 
     def outputs(self) -> list[str]:
         return [f"images: {self.layout.images.url}/"]
@@ -104,21 +106,23 @@ class IngestWriter:
     def setup(self) -> None:
         pass
 
-    def process(self, shard: str, listing_slice: tuple[str, int, int]) -> DoneMarker:
+    def process(self, shard: str, listing_slice: tuple[str, int, int], rows_done: RowsDone = no_progress) -> DoneMarker:
         """One output shard from rows [start, stop) of a unit's listing."""
-        return self.write(shard, read_listing(*listing_slice))
+        return self.write(shard, read_listing(*listing_slice), rows_done)
 
-    def write(self, shard: str, items: list[SourceItem]) -> DoneMarker:
+    def write(self, shard: str, items: list[SourceItem], rows_done: RowsDone = no_progress) -> DoneMarker:
         wanted: list[Member] = []
         for item in items:
             wanted.extend(m for m in (item.image, item.caption, item.meta) if m is not None)
-        data = dict(read_members(wanted))
+        rows_done(0, len(items))
+        data = dict(read_members(wanted))  # the bulk of the time: the bytes read
         samples, repaired = [], Counter()
         members: dict[str, tuple[int, int]] = {}  # key -> where its image's bytes lie in the tar
         with ShardWriter(self.stage_dir, shard) as writer:
             for item in sorted(items, key=lambda i: i.key):
                 sample, image = ingest_item(item, data, repaired)
                 samples.append(sample)
+                rows_done(len(samples), len(items))
                 if image is not None:
                     where = writer.add(sample.key, {sample.ext: image, "json": sample.to_json()})
                     members[sample.key] = where[sample.ext]

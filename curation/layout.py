@@ -118,9 +118,13 @@ class Layout:
         """Noun-count partials of the originals, from `images/`' records (`original` is no set name: no clash)."""
         return StageDir(self.url(f"stats-{ORIGINAL}"))
 
+    def missing(self, what: str, command: str) -> str:
+        """The one-line refusal of a stage whose input (`what`) is not there: `command` makes it."""
+        return f"no {what} in {self.output}: run curation {command} first"
+
     def missing_images(self) -> str:
         """The one-line refusal of a stage that reads `images/` when ingest has written none."""
-        return f"no images in {self.output}: run curation ingest first"
+        return self.missing("images", "ingest")
 
     def missing_set(self, caption_set: str) -> str:
         """The one-line refusal of a stage asked to read a caption set that has no shards."""

@@ -40,6 +40,8 @@ def run_pipeline(
     stages = [s for s in stages if s.name not in skip]
     if not stages:
         return []
+    for stage in stages:  # a model that cannot load is refused before any stage starts
+        stage.preflight()
     stages[0].check()  # a missing input is refused before the output is created and Ray started
     results = []
     with output_lock(output), ray_session(ray_address):  # one lock, one cluster (or embedded Ray) for every stage

@@ -20,11 +20,22 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from curation.errors import ConfigError, SetupError
+from curation.errors import ConfigError
 from curation.layout import Layout
 from curation.records import OK
 from curation.shards import DoneMarker, StageDir, config_hash, lineage
-from curation.stage import KeepFlags, Pass, Resources, RunContext, Stage, removed_digest
+from curation.stage import (
+    KeepFlags,
+    Needs,
+    Pass,
+    Resources,
+    RowsDone,
+    RunContext,
+    Stage,
+    needs_images,
+    no_progress,
+    removed_digest,
+)
 
 NAME = "size-filter"
 TOO_SMALL = "too_small"
@@ -70,7 +81,7 @@ class SizeFilterWorker:
     def setup(self) -> None:
         pass
 
-    def process(self, shard: str, _payload: None = None) -> DoneMarker:
+    def process(self, shard: str, _payload: None = None, rows_done: RowsDone = no_progress) -> DoneMarker:
         images = self.layout.images
         rows = []
         for r in images.read_index(shard).select(["key", "status", "width", "height"]).to_pylist():
@@ -120,10 +131,11 @@ class SizeFilterStage(Stage):
     config_type = SizeFilterConfig
     sample_filter = SizeFilter
 
+    def needs(self) -> list[Needs]:
+        return [needs_images(self.layout)]
+
     def passes(self, ctx: RunContext) -> Iterator[Pass]:
         shards = self.layout.images.done_shards()
-        if not shards:
-            raise SetupError(f"{self.layout.images.url} has no done shards: run `curation ingest` first")
         yield Pass(
             label=NAME,
             folder=self.layout.stage_folder(NAME),

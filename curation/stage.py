@@ -31,13 +31,20 @@ from curation.layout import Layout
 from curation.records import OK, Sample
 from curation.shards import DoneMarker, StageDir, config_hash, lineage  # noqa: F401  (part of the contract)
 
+RowsDone = Callable[[int, int], None]  # (rows done, rows in the shard): how far a running shard is
+
+
+def no_progress(done: int, total: int) -> None:
+    """The `RowsDone` of a shard nobody watches (tests, benches, `--no-progress`)."""
+
 
 class Worker(Protocol):
-    """One per Ray worker: `setup()` once (load models), then `process()` per shard."""
+    """One per Ray worker: `setup()` once (load models), then `process()` per shard, reporting its rows as it goes
+    through `rows_done` (the runner's callback; the stage never sees how it reaches the driver)."""
 
     def setup(self) -> None: ...
 
-    def process(self, shard: str, payload: Any) -> DoneMarker: ...
+    def process(self, shard: str, payload: Any, rows_done: RowsDone = no_progress) -> DoneMarker: ...
 
 
 class ShardFolder(Protocol):
@@ -74,6 +81,25 @@ class Resources:
     def for_device(cls, device: str, workers: int | None = None) -> Resources:
         """A model stage's workers: one GPU each ("auto": CPU workers where the cluster has no GPU)."""
         return cls(num_gpus=0 if device == "cpu" else 1, gpu_optional=device == "auto", workers=workers)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """An input a stage cannot run without: `what` ("images"), the folder holding it, and the stage that makes it."""
+
+    what: str
+    folder: ShardFolder
+    stage: str  # the command to run first: "ingest"
+
+    def missing(self) -> bool:
+        return not self.folder.done_shards()
+
+    def refusal(self, layout: Layout) -> SetupError:
+        return SetupError(layout.missing(self.what, self.stage))
+
+
+def needs_images(layout: Layout) -> Needs:
+    return Needs("images", layout.images, "ingest")
 
 
 @dataclass
@@ -115,8 +141,20 @@ class Stage(ABC):
         self.layout, self.config = layout, config
         self.result: Any = None  # what `finish` computed (dedup's groups, the report's path): `StageRun.result`
 
-    def check(self) -> None:  # noqa: B027 (optional hook)
-        """Refuse what cannot work before the output is locked (a missing input): raise a CurationError."""
+    def needs(self) -> list[Needs]:
+        """The inputs this stage reads, earliest in the pipeline first (none: ingest reads the user's input)."""
+        return []
+
+    def preflight(self) -> None:  # noqa: B027 (optional hook)
+        """Refuse what cannot work whatever the output holds (a model that cannot load): raise a CurationError.
+        `curation run` calls it for every stage before the first one starts."""
+
+    def check(self) -> None:
+        """Refuse what cannot work on this output, before the output is locked or created: by default, the first
+        input of `needs()` with no done shard, in one line naming the stage to run first."""
+        for need in self.needs():
+            if need.missing():
+                raise need.refusal(self.layout)
 
     @abstractmethod
     def passes(self, ctx: RunContext) -> Iterator[Pass]:

@@ -105,11 +105,17 @@ def make_img2dataset(
 
 
 def make_journeydb(
-    root: Path, images: list[Path], missing: int = 1, annotations: str = "jsonl", absent: dict[str, int] | None = None
+    root: Path,
+    images: list[Path],
+    missing: int = 1,
+    annotations: str = "jsonl",
+    absent: dict[str, int] | None = None,
+    extracted_images: bool = False,
 ) -> Path:
-    """JourneyDB: imgs/000.tgz holding 000/<id>.jpg, and the annotation file (`annotation.jsonl`, or the released
-    `annotation.jsonl.tgz`): a line per image, `missing` more for images absent from 000.tgz, and `absent[archive]`
-    lines for archives that were not downloaded."""
+    """JourneyDB: imgs/000.tgz holding 000/<id>.jpg (`extracted_images`: the folder imgs/000/ as `tar xzf` leaves
+    it), and the annotation file (`annotation.jsonl`, the released `annotation.jsonl.tgz`, or "both": the tgz with
+    its .jsonl extracted beside it): a line per image, `missing` more for images absent from 000.tgz, and
+    `absent[archive]` lines for archives that were not downloaded."""
     (root / "imgs").mkdir(parents=True, exist_ok=True)
     lines = []
     with tarfile.open(root / "imgs" / "000.tgz", "w:gz") as tar:
@@ -118,14 +124,18 @@ def make_journeydb(
             _add(tar, f"000/{jid}.jpg", src.read_bytes())
             lines.append({"img_path": f"./000/{jid}.jpg", "prompt": f"a photo number {i} --ar 3:2 --v 5",
                           "Task2": {"Caption": f"A caption of photo {i}."}})  # fmt: skip
+    if extracted_images:
+        with tarfile.open(root / "imgs" / "000.tgz") as tar:
+            tar.extractall(root / "imgs", filter="data")
+        (root / "imgs" / "000.tgz").unlink()
     for j in range(missing):
         lines.append({"img_path": f"./000/{j:04x}missing.jpg", "prompt": "lost", "Task2": {"Caption": "lost"}})
     for archive, n in (absent or {}).items():
         lines += [{"img_path": f"./{archive}/{archive}{j:04x}.jpg", "prompt": "elsewhere"} for j in range(n)]
     text = "".join(json.dumps(x) + "\n" for x in lines).encode()
-    if annotations == "jsonl":
+    if annotations in ("jsonl", "both"):
         (root / "annotation.jsonl").write_bytes(text)
-    else:
+    if annotations in ("jsonl.tgz", "both"):
         with tarfile.open(root / "annotation.jsonl.tgz", "w:gz") as tar:
             _add(tar, "annotation.jsonl", text)
     return root

@@ -257,7 +257,7 @@ def test_ingest_of_a_missing_input_is_one_line(tmp_path, capsys):
 
 
 # -- real runs ----------------------------------------------------------------------------------------------------
-def test_ingest_then_logs_one_json_line_per_shard(tmp_path, ray_local, capsys, caplog, curation_log_level):
+def test_ingest_then_logs_one_json_line_per_shard_attempt(tmp_path, ray_local, capsys, caplog, curation_log_level):
     out = tmp_path / "out"
     argv = ["ingest", "--source", "folder", "--input", str(EXAMPLES), "--output", str(out), "--shard-size", "2"]
     with caplog.at_level(logging.INFO, logger="curation.shards"):
@@ -271,8 +271,23 @@ def test_ingest_then_logs_one_json_line_per_shard(tmp_path, ray_local, capsys, c
     lines = capsys.readouterr().out.splitlines()
     records = [json.loads(line) for line in lines]
     assert sorted(r["shard"] for r in records) == sorted(shards) and {r["stage"] for r in records} == {"images"}
-    assert main(["logs", "--output", str(out), "--stage", "captions"]) == 0
-    assert capsys.readouterr().out == ""
+    assert main(["logs", "--output", str(out), "--stage", "captions"]) == 2  # not a stage this output has
+    assert _one_error_line(capsys, "logs").endswith(f"no logs of stage 'captions' in {out}; it has logs of: images")
+    assert main(["logs", "--output", str(out / "nope")]) == 2
+    assert _one_error_line(capsys, "logs").endswith(f"the output {out / 'nope'} does not exist")
+    assert not (out / "nope").exists()
+
+    (out / "images" / f"{shards[0]}.done.json").unlink()  # the shard is redone by the rerun: a second record
+    assert main([*argv, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["logs", "--output", str(out), "--all"]) == 0
+    history = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["shard"] for r in history] == [shards[0], shards[0], shards[1]]
+    first_run, rerun = history[0]["run"], history[1]["run"]
+    assert first_run < rerun and history[2]["run"] == first_run
+    assert main(["logs", "--output", str(out), "--stage", "images"]) == 0  # each shard's latest record
+    latest = {json.loads(line)["shard"]: json.loads(line)["run"] for line in capsys.readouterr().out.splitlines()}
+    assert latest == {shards[0]: rerun, shards[1]: first_run}
 
 
 def test_run_of_the_first_stage_alone(tmp_path, ray_local, capsys):

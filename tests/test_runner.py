@@ -13,7 +13,7 @@ import pytest
 from curation.errors import SetupError, ShardError
 from curation.layout import Layout
 from curation.runner import read_logs
-from curation.runner.logs import write_shard_log
+from curation.runner.logs import new_run_id, shard_record, write_shard_log
 from curation.runner.pool import Pool
 from curation.shards import DoneMarker
 
@@ -120,15 +120,22 @@ def test_done_marker_json_round_trip_keeps_every_field():
     assert DoneMarker.from_json(partial.to_json()) == partial
 
 
-def test_shard_logs_are_one_object_per_shard_read_back_merged(tmp_path):
+def test_shard_logs_keep_one_object_per_attempt_and_read_back_the_latest(tmp_path):
     layout = Layout(str(tmp_path / "out"))
+    first, second = new_run_id(), new_run_id()
+    assert first < second  # run ids sort by time
     for shard, rows in (("00001", 3), ("00000", 4)):
         done = DoneMarker(shard, rows=rows, seconds=2.0, counts={"by_reason": {"decode_error": 1}})
-        write_shard_log(layout, "images", done)
-    write_shard_log(layout, "dedup/hashes", DoneMarker("00000", rows=4, seconds=0.0))
-    write_shard_log(layout, "images", DoneMarker("00001", rows=3, seconds=1.0), attempt=2)  # a rerun replaces
+        write_shard_log(layout, "images", done, run=first)
+    write_shard_log(layout, "dedup/hashes", DoneMarker("00000", rows=4, seconds=0.0), run=first)
+    write_shard_log(layout, "images", DoneMarker("00001", rows=3, seconds=1.0), attempt=2, run=second)  # a rerun
     files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out" / "logs").rglob("*.json"))
-    assert files == ["logs/dedup/hashes/00000.json", "logs/images/00000.json", "logs/images/00001.json"]
+    assert files == [
+        f"logs/dedup/hashes/00000/{first}-1.json",
+        f"logs/images/00000/{first}-1.json",
+        f"logs/images/00001/{first}-1.json",  # the first run's record is still there ...
+        f"logs/images/00001/{second}-2.json",  # ... beside the rerun's
+    ]
     assert all(len(p.read_text().splitlines()) == 1 for p in (tmp_path / "out" / "logs").rglob("*.json"))
     merged = read_logs(layout)
     assert [(r["stage"], r["shard"]) for r in merged] == [
@@ -138,6 +145,25 @@ def test_shard_logs_are_one_object_per_shard_read_back_merged(tmp_path):
     ]
     images = {r["shard"]: r for r in read_logs(layout, "images")}
     assert images["00000"]["samples_per_s"] == 2.0 and images["00000"]["failures"] == {"decode_error": 1}
-    assert images["00001"]["attempt"] == 2 and images["00001"]["seconds"] == 1.0
+    assert images["00001"]["attempt"] == 2 and images["00001"]["seconds"] == 1.0  # the latest
     assert merged[0]["samples_per_s"] is None  # no time measured: no rate rather than a division by zero
+    history = read_logs(layout, "images", every_attempt=True)
+    assert [(r["shard"], r["run"], r["seconds"]) for r in history] == [
+        ("00000", first, 2.0),
+        ("00001", first, 2.0),
+        ("00001", second, 1.0),
+    ]
+    assert [r["stage"] for r in read_logs(layout, "dedup")] == []  # a pass is named whole: dedup is not dedup/hashes
     json.dumps(merged)  # plain JSON all the way down
+
+
+def test_logs_of_the_older_layout_still_read_as_the_oldest_attempts(tmp_path):
+    layout = Layout(str(tmp_path / "out"))
+    old = tmp_path / "out" / "logs" / "images" / "00000.json"  # one record per shard, overwritten by each run
+    old.parent.mkdir(parents=True)
+    old.write_text(json.dumps(shard_record("images", DoneMarker("00000", rows=5, seconds=94.0))) + "\n")
+    (record,) = read_logs(layout)
+    assert (record["shard"], record["seconds"]) == ("00000", 94.0)
+    write_shard_log(layout, "images", DoneMarker("00000", rows=5, seconds=0.4))
+    assert [r["seconds"] for r in read_logs(layout, every_attempt=True)] == [94.0, 0.4]
+    assert [r["seconds"] for r in read_logs(layout)] == [0.4]

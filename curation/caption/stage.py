@@ -22,9 +22,20 @@ from curation.caption.model import DEFAULT_PROMPT, CaptionConfig, Captioner, Pre
 from curation.caption.sets import template_fields
 from curation.imaging import ImageDecodeError, decode_image, prefetch
 from curation.layout import DEFAULT_SET, ORIGINAL, Layout
+from curation.models import check_model
 from curation.records import OK, Sample, count_statuses, samples_to_table, table_to_samples
 from curation.shards import DoneMarker, ShardWriter, config_hash, lineage
-from curation.stage import InputView, Pass, Resources, RunContext, Stage
+from curation.stage import (
+    InputView,
+    Needs,
+    Pass,
+    Resources,
+    RowsDone,
+    RunContext,
+    Stage,
+    needs_images,
+    no_progress,
+)
 
 if TYPE_CHECKING:
     from curation.runner import StageRun
@@ -81,6 +92,12 @@ class CaptionStage(Stage):
     help = "images/ -> a caption set (captions/ or captions-NAME/) with LLaVA (the PixArt-alpha prompt by default)"
     config_type = CaptionStageConfig
 
+    def needs(self) -> list[Needs]:
+        return [needs_images(self.layout)]
+
+    def preflight(self) -> None:
+        check_model(self.config.model.model, "--model", revision=self.config.model.revision)
+
     def passes(self, ctx: RunContext) -> Iterator[Pass]:
         """One pass: every done `images/` shard -> the caption set's folder."""
         config, layout = self.config, self.layout
@@ -115,7 +132,7 @@ class CaptionWorker:
         self.captioner.setup()
         self._provenance = self.captioner.provenance()
 
-    def process(self, shard: str, payload: None = None) -> DoneMarker:
+    def process(self, shard: str, payload: None = None, rows_done: RowsDone = no_progress) -> DoneMarker:
         samples = {s.key: s for s in table_to_samples(self.images.read_index(shard))}
         self.input.skip(shard, samples.values())  # removed samples (duplicates) become skipped rows, never captioned
         if self.needs_original:
@@ -123,6 +140,8 @@ class CaptionWorker:
                 if s.status == OK and not (s.original_caption or "").strip():
                     s.fail("no_original", f"prompt template needs {{original}}; sample {s.key} has none")
         cap_counts: dict[str, int] = {}
+        done_rows = sum(s.status != OK for s in samples.values())  # rows with nothing to caption are done already
+        rows_done(done_rows, len(samples))
         with ShardWriter(self.stage_dir, shard) as writer:
             for batch, prepared in self._prepared_batches(shard, samples):
                 ok = [(s, raw, img) for s, raw, img in batch if not isinstance(img, Exception)]
@@ -142,6 +161,8 @@ class CaptionWorker:
                     if self.config.self_contained:  # otherwise readers join `images/` by key for the bytes
                         members[sample.ext] = raw
                     writer.add(sample.key, members)
+                done_rows += len(batch)
+                rows_done(done_rows, len(samples))
             rows = sorted(samples.values(), key=lambda s: s.key)
             done = DoneMarker(
                 shard,

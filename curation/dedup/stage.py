@@ -34,13 +34,23 @@ import pyarrow.compute as pc
 from curation.dedup.filter import DuplicateFilter
 from curation.dedup.grouping import BAND_WIDTHS, BandIndex, components
 from curation.dedup.hashing import hamming, phash, sha256
-from curation.errors import ConfigError, SetupError
+from curation.errors import ConfigError
 from curation.imaging import ImageDecodeError
 from curation.layout import Layout
 from curation.records import FAILED, OK
 from curation.runner.planning import pending_shards
 from curation.shards import DoneMarker, StageDir, config_hash, lineage, write_json_atomic
-from curation.stage import Pass, Resources, RunContext, Stage, removed_digest
+from curation.stage import (
+    Needs,
+    Pass,
+    Resources,
+    RowsDone,
+    RunContext,
+    Stage,
+    needs_images,
+    no_progress,
+    removed_digest,
+)
 
 STAGE = "dedup"
 HASH_VERSION = "phash-dct64-v1"
@@ -134,13 +144,14 @@ class HashWorker:
     def setup(self) -> None:
         pass
 
-    def process(self, shard: str, _payload: Any = None) -> DoneMarker:
+    def process(self, shard: str, _payload: Any = None, rows_done: RowsDone = no_progress) -> DoneMarker:
         started = time.time()
         images = self.layout.images
         index = images.read_index(shard).select(["key", "status", "ext", "width", "height"]).to_pylist()
         rows = {r["key"]: r for r in index}
         hashed: dict[str, dict[str, Any]] = {}
-        for key, members in images.iter_samples(shard):
+        for n, (key, members) in enumerate(images.iter_samples(shard), 1):
+            rows_done(n, len(index))
             row = rows[key]
             if row["status"] != OK or row["ext"] not in members:
                 continue
@@ -199,7 +210,7 @@ class EdgeWorker:
     def setup(self) -> None:
         pass
 
-    def process(self, task: str, payload: dict[str, Any]) -> DoneMarker:
+    def process(self, task: str, payload: dict[str, Any], rows_done: RowsDone = no_progress) -> DoneMarker:
         started = time.time()
         everything = _AllHashes.load(self.layout.dedup_hashes, payload["shards"])
         queries = np.arange(payload["start"], min(payload["stop"], len(everything.hashes)))
@@ -266,7 +277,7 @@ class WriteWorker:
     def setup(self) -> None:
         pass
 
-    def process(self, shard: str, payload: dict[str, Any]) -> DoneMarker:
+    def process(self, shard: str, payload: dict[str, Any], rows_done: RowsDone = no_progress) -> DoneMarker:
         started = time.time()
         found = {key: Member(*values) for key, values in payload["members"].items()}
         rows = self.layout.dedup_hashes.read_index(shard).to_pylist()
@@ -340,20 +351,14 @@ class DedupStage(Stage):
         self.result: DedupResult | None = None
         self._shards: list[str] = []
 
-    def check(self) -> None:
-        self._images_shards()
-
-    def _images_shards(self) -> list[str]:
-        shards = self.layout.images.done_shards()
-        if not shards:
-            raise SetupError(f"{self.layout.images.url} has no done shards: run `curation ingest` first")
-        return shards
+    def needs(self) -> list[Needs]:
+        return [needs_images(self.layout)]
 
     def passes(self, ctx: RunContext) -> Iterator[Pass]:
         """Hash every images shard, pair the hashes band by band, then write each shard's groups; nothing at all
         when `dedup/` already describes every images shard as it is now with this config."""
         layout, config = self.layout, self.config
-        shards = self._shards = self._images_shards()
+        shards = self._shards = layout.images.done_shards()
         chash = config_hash(config.semantics())
         pending_shards(layout.dedup, shards, chash, ctx.force)  # a changed threshold is refused before any work
         if _up_to_date(layout, shards, chash):

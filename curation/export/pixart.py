@@ -68,7 +68,7 @@ from curation.features.stage import FIELDS, SIGMA_MAX_LENGTH, T5_SIDECAR, t5_sid
 from curation.layout import DEFAULT_SET, ORIGINAL, Layout, check_set_name
 from curation.records import OK, SKIPPED
 from curation.shards import DoneMarker, StageDir, config_hash, lineage
-from curation.stage import InputView, Pass, Resources, RunContext, Stage
+from curation.stage import InputView, Needs, Pass, Resources, RowsDone, RunContext, Stage, needs_images, no_progress
 
 if TYPE_CHECKING:
     from curation.runner import StageRun
@@ -239,7 +239,11 @@ class ExportStage(Stage):
         self.result: dict[str, int] = {}  # the counts, for callers (`export_pixart`)
         self.shards: tuple[list[str], list[str]] = ([], [])
 
+    def needs(self) -> list[Needs]:
+        return [needs_images(self.layout)]
+
     def check(self) -> None:
+        super().check()
         self.shards = self.plan.shards()
 
     def passes(self, ctx: RunContext) -> Iterator[Pass]:
@@ -291,7 +295,7 @@ class PixartWorker:
     def setup(self) -> None:
         pass
 
-    def process(self, shard: str, payload: None = None) -> DoneMarker:
+    def process(self, shard: str, payload: None = None, rows_done: RowsDone = no_progress) -> DoneMarker:
         started = time.time()
         counts = _export_shard(self.plan, shard)
         upstream = self.inputs.lineages([shard])[shard]

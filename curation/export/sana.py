@@ -50,7 +50,7 @@ from curation.imaging import ImageDecodeError, decode_image
 from curation.layout import DEFAULT_SET, ORIGINAL, Layout, check_set_name
 from curation.records import OK
 from curation.shards import DoneMarker, StageDir, config_hash, lineage, write_bytes_atomic
-from curation.stage import InputView, Pass, Resources, RunContext, Stage
+from curation.stage import InputView, Pass, Resources, RowsDone, RunContext, Stage, no_progress
 
 if TYPE_CHECKING:
     from curation.runner import StageRun
@@ -228,7 +228,7 @@ class SanaWorker:
     def setup(self) -> None:
         pass
 
-    def process(self, shard: str, payload: None = None) -> DoneMarker:
+    def process(self, shard: str, payload: None = None, rows_done: RowsDone = no_progress) -> DoneMarker:
         started = time.time()
         plan, to = self.plan, Path(self.plan.config.to)
         layout = plan.layout

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from curation.buckets import BASES
-from curation.errors import ConfigError, SetupError
+from curation.errors import ConfigError
 from curation.features.image import DEFAULT_VAE, ImageLatents, vae_sidecar
 from curation.features.sidecar import FeatureDirs, FeatureKind, ShardJob
 from curation.features.text import (
@@ -37,9 +37,19 @@ from curation.features.text import (
     t5_sidecar,
 )
 from curation.layout import DEFAULT_SET, Layout, check_set_name
+from curation.models import check_model
 from curation.records import table_to_samples
 from curation.shards import DoneMarker
-from curation.stage import Pass, Resources, RunContext, Stage
+from curation.stage import (
+    Needs,
+    Pass,
+    Resources,
+    RowsDone,
+    RunContext,
+    Stage,
+    needs_images,
+    no_progress,
+)
 
 if TYPE_CHECKING:
     from curation.runner import StageRun
@@ -149,11 +159,17 @@ class FeaturesStage(Stage):
     help = "images/ and a caption set -> T5 text features and VAE latents in sidecar shards"
     config_type = FeaturesConfig
 
+    def needs(self) -> list[Needs]:
+        return [needs_images(self.layout)]
+
+    def preflight(self) -> None:
+        check_model(self.config.t5, "--t5")
+        check_model(self.config.vae, "--vae")
+
     def check(self) -> None:
         """Refuse an output without images; each kind refuses what cannot work (a caption set lacking shards)."""
+        super().check()
         shards = self.layout.images.done_shards()
-        if not shards:
-            raise SetupError(self.layout.missing_images())
         for kind in self.config.kinds():
             kind.check(self.layout, shards)
 
@@ -186,15 +202,17 @@ class FeaturesWorker:
         for kind in self.dirs.kinds:
             kind.setup()
 
-    def process(self, shard: str, _payload: Any = None) -> DoneMarker:
+    def process(self, shard: str, _payload: Any = None, rows_done: RowsDone = no_progress) -> DoneMarker:
         started = time.time()
         todo = [name for name in self.dirs.dirs if not self.dirs.current(name, shard)]
         samples = table_to_samples(self.dirs.images.read_index(shard))
         self.dirs.input.skip(shard, samples)  # samples a filter removes (dedup) become skipped rows in every sidecar
         job = ShardJob(shard, samples, self.dirs)
-        for kind in self.dirs.kinds:
-            if names := [name for name in kind.sidecars() if name in todo]:
-                kind.write(job, names)
+        kinds = [(kind, names) for kind in self.dirs.kinds if (names := [n for n in kind.sidecars() if n in todo])]
+        rows_done(0, len(samples))
+        for i, (kind, names) in enumerate(kinds, 1):
+            kind.write(job, names)
+            rows_done(len(samples) * i // len(kinds), len(samples))  # each kind goes through every sample
         done = self.dirs.read_done(shard)
         done.seconds = round(time.time() - started, 3)
         done.extra["sidecars_written"] = todo

@@ -5,7 +5,7 @@ The runner works from the `Stage` contract alone (`curation.stage`) and never kn
     lock.py       one run per output; OUT/run_config.json
     planning.py   which shards to (re)do: done markers, config hashes, lineage
     pool.py       the Ray session, plain tasks, and the actor pool (its decisions in `Pool`, without Ray)
-    logs.py       one JSON record per shard under OUT/logs/
+    logs.py       one JSON record per shard attempt under OUT/logs/, never overwritten
     summary.py    what a pass and a stage did
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 from curation.errors import SetupError, ShardError
 from curation.layout import Layout
 from curation.runner.lock import output_lock, record_run_config
-from curation.runner.logs import read_logs, write_shard_log
+from curation.runner.logs import logged_stages, new_run_id, read_logs, write_shard_log
 from curation.runner.planning import done_markers, drop_orphans, drop_stale_shards, pending_shards
 from curation.runner.pool import Cluster, ray_session, run_actors, run_stateless, run_tasks
 from curation.runner.summary import RunSummary, StageRun
@@ -32,12 +32,15 @@ __all__ = [
     "SetupError",
     "ShardError",
     "StageRun",
+    "logged_stages",
+    "new_run_id",
     "output_lock",
     "ray_session",
     "read_logs",
     "run",
     "run_pass",
     "run_tasks",
+    "write_shard_log",
 ]
 
 
@@ -59,8 +62,12 @@ def run(
     force: bool = False,
     progress: bool = True,
 ) -> StageRun:
-    """Run every pass of `stage` under the output lock, on one Ray session (started only if there is work)."""
+    """Run every pass of `stage` under the output lock, on one Ray session (started only if there is work).
+
+    A stage that cannot work (no input, then a model that cannot load) is refused before the output is locked, so
+    a refused run leaves nothing behind, not even the output folder."""
     stage.check()
+    stage.preflight()
     layout = stage.layout
     with output_lock(layout.output), Cluster(ray_address) as cluster:
         ctx = _Context(cluster, force, progress)
@@ -100,10 +107,11 @@ def run_pass(
         pending = [t for t in p.tasks if t[0] in todo]
         summary = RunSummary(p.label, shards_total=len(shards), shards_skipped=len(shards) - len(pending))
         started = time.time()
+        run_id = new_run_id()  # this pass run's attempts get their own log objects beside the earlier runs'
 
         def on_done(done, attempt: int) -> None:
             summary.add(done, ran=True)
-            write_shard_log(layout, p.label, done, attempt)
+            write_shard_log(layout, p.label, done, attempt, run_id)
 
         try:
             if pending:  # a finished pass connects to no cluster

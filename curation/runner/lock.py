@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ def output_lock(output: str) -> Iterator[None]:
     if not isinstance(fs, fsspec.implementations.local.LocalFileSystem) or held in _HELD_LOCKS:
         yield
         return
+    created = not os.path.exists(root)
     try:
         os.makedirs(root, exist_ok=True)
         fh = open(os.path.join(root, Layout(output).lock_file), "a+")
@@ -54,10 +56,19 @@ def output_lock(output: str) -> Iterator[None]:
     _HELD_LOCKS.add(held)
     try:
         yield
+    except BaseException:
+        if created and not _has_done_shards(root):  # a refused or failed first run leaves no folder behind
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     finally:
         _HELD_LOCKS.discard(held)
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
+
+
+def _has_done_shards(root: str) -> bool:
+    """Whether a folder this run created holds any finished shard (kept: a rerun resumes from it)."""
+    return any(name.endswith(".done.json") for _, _, names in os.walk(root) for name in names)
 
 
 def record_run_config(layout: Layout, label: str, config: dict[str, Any]) -> None:

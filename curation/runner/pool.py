@@ -14,7 +14,6 @@ import contextlib
 import gc
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections import deque
@@ -23,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from curation.errors import CurationError, SetupError, ShardError
+from curation.runner.progress import POLL_EVERY_S, Progress
 from curation.shards import DoneMarker
-from curation.stage import Resources, Worker
+from curation.stage import Resources, RowsDone, Worker, no_progress
 
 # Errors that are the environment's, not a bug: reported in one line. Anything else keeps its traceback.
 SHARD_ERRORS = (OSError, CurationError)
@@ -94,6 +94,57 @@ class Cluster:
         self._stack.close()
 
 
+class _Board:
+    """Where workers leave their running shards' latest (rows done, rows in the shard) for the driver to take.
+
+    One per Ray session (a named actor, no CPU); each pass run reads its own `key`."""
+
+    def __init__(self) -> None:
+        self.reports: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def report(self, key: str, shard: str, done: int, total: int) -> None:
+        self.reports.setdefault(key, {})[shard] = (done, total)
+
+    def take(self, key: str) -> dict[str, tuple[int, int]]:
+        return self.reports.pop(key, {})
+
+
+class _Progress:
+    """The driver's end of a pass's progress: the board (None: progress is off) and this pass run's key."""
+
+    def __init__(self, name: str, progress: bool) -> None:
+        import ray
+
+        self.key = f"{name} {time.time_ns()}"
+        self.board = None
+        if progress:
+            actor = ray.remote(num_cpus=0)(_Board)
+            self.board = actor.options(name="curation-progress", get_if_exists=True).remote()
+
+    def rows_done(self, shard: str) -> RowsDone:
+        """The callback a worker is given for `shard` (picklable: it travels with the task)."""
+        return _Reporter(self.board, self.key, shard) if self.board is not None else no_progress
+
+    def take(self) -> dict[str, tuple[int, int]]:
+        import ray
+
+        return ray.get(self.board.take.remote(self.key)) if self.board is not None else {}
+
+
+class _Reporter:
+    """A worker's `RowsDone` callback: sends the latest report at most every `POLL_EVERY_S`, and the shard's last."""
+
+    def __init__(self, board: Any, key: str, shard: str) -> None:
+        self.board, self.key, self.shard = board, key, shard
+        self.last = float("-inf")
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - self.last >= POLL_EVERY_S:
+            self.last = now
+            self.board.report.remote(self.key, self.shard, done, total)  # no reply awaited
+
+
 class _StageActor:
     """Holds one worker for the actor's life: models load once per actor, not once per shard.
 
@@ -101,17 +152,34 @@ class _StageActor:
     driver as the task's own exception (a missing model is one clear line), not as an actor that died in creation.
     """
 
-    def __init__(self, make_worker: Callable[[], Worker]) -> None:
-        self._make_worker = make_worker
+    def __init__(self, make_worker: Callable[[], Worker], quiet: bool = False) -> None:
+        self._make_worker, self._quiet = make_worker, quiet
         self.worker: Worker | None = None
 
     def ready(self) -> int:
         return os.getpid()
 
-    def process(self, shard: str, payload: Any) -> DoneMarker:
+    def process(self, shard: str, payload: Any, rows_done: RowsDone = no_progress) -> DoneMarker:
         if self.worker is None:
+            if self._quiet:
+                quiet_model_loading()
             self.worker = _set_up(self._make_worker)
-        return self.worker.process(shard, payload)
+        return self.worker.process(shard, payload, rows_done)
+
+
+def quiet_model_loading() -> None:
+    """`--no-progress` in a worker: no loading bars from huggingface_hub, transformers or diffusers either."""
+    import importlib
+    import importlib.util
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # huggingface_hub (and transformers) read it on import
+    for module, switch in (
+        ("huggingface_hub.utils", "disable_progress_bars"),
+        ("transformers.utils.logging", "disable_progress_bar"),
+        ("diffusers.utils.logging", "disable_progress_bar"),  # diffusers reads no variable: switched off here
+    ):
+        if importlib.util.find_spec(module.split(".")[0]) is not None:
+            getattr(importlib.import_module(module), switch)()
 
 
 def _set_up(make_worker: Callable[[], Worker]) -> Worker:
@@ -123,8 +191,8 @@ def _set_up(make_worker: Callable[[], Worker]) -> Worker:
     return worker
 
 
-def _process_once(make_worker: Callable[[], Worker], shard: str, payload: Any) -> DoneMarker:
-    return _set_up(make_worker).process(shard, payload)
+def _process_once(make_worker: Callable[[], Worker], shard: str, payload: Any, rows_done: RowsDone) -> DoneMarker:
+    return _set_up(make_worker).process(shard, payload, rows_done)
 
 
 def _one_line(text: object) -> str:
@@ -211,32 +279,6 @@ class Pool:
             self.idle.append(actor)
 
 
-def _progress(name: str, total: int, progress: bool):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc=f"{name} shards",
-        unit="shard",
-        disable=not progress,
-        file=sys.stderr,
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
-    )
-
-
-class _Rate:
-    """samples/s on the progress bar; the bar's own ETA counts shards."""
-
-    def __init__(self, bar) -> None:
-        self.bar, self.started, self.samples = bar, time.time(), 0
-
-    def add(self, rows: int) -> None:
-        self.samples += rows
-        per_s = self.samples / max(time.time() - self.started, 1e-9)
-        self.bar.set_postfix_str(f"{self.samples} samples, {per_s:.1f}/s")
-        self.bar.update(1)
-
-
 def run_actors(
     name: str,
     make_worker: Callable[[], Worker],
@@ -265,18 +307,21 @@ def run_actors(
         max_restarts=-1,  # a dead actor comes back (on any node with room) and rejoins the pool
         max_task_retries=0,  # ... but its shard is requeued by us, for any free actor
     )(_StageActor)
-    actors = [actor_cls.remote(make_worker) for _ in range(n_workers)]
+    actors = [actor_cls.remote(make_worker, not progress) for _ in range(n_workers)]
     pool = Pool(name, deque(tasks), list(reversed(actors)), max_retries)
     waking: dict[Any, Any] = {}  # ready() ref -> a restarting actor
-    bar = _progress(name, len(tasks), progress)
-    rate = _Rate(bar)
+    board = _Progress(name, progress)
+    view = Progress(name, len(tasks), enabled=progress, poll=board.take)
     try:
         while pool.running:
             for actor, shard, payload in pool.assignments():
-                pool.started(actor.process.remote(shard, payload), actor, shard, payload)
+                pool.started(actor.process.remote(shard, payload, board.rows_done(shard)), actor, shard, payload)
             # With nothing in flight this waits for a restarted actor: on a cluster with no room left for one,
             # that is as long as it takes a node to join.
-            ready, _ = ray.wait([*pool.working, *waking], num_returns=1)
+            ready, _ = ray.wait([*pool.working, *waking], num_returns=1, timeout=POLL_EVERY_S)
+            view.tick()
+            if not ready:
+                continue
             ref = ready[0]
             if ref in waking:
                 actor = waking.pop(ref)
@@ -301,11 +346,11 @@ def run_actors(
                 continue
             pool.finished(ref)
             on_done(done, pool.lost.get(shard, 0) + 1)
-            rate.add(done.rows)
+            view.finished(shard, done.rows)
         if pool.failure is not None:
             raise pool.failure
     finally:
-        bar.close()
+        view.close()
         for actor in actors:
             ray.kill(actor)
     return pool.retried
@@ -320,17 +365,18 @@ def run_tasks(
     progress: bool = True,
     shard_errors: bool = False,
     on_result: Callable[[str, Any], None] | None = None,
+    view: Progress | None = None,
 ) -> dict[str, Any]:
     """Run `fn(*args)` for each (task id, args) as Ray tasks; returns {task id: result}.
 
     For work with nothing to load whose results are small (listings, key checks, ingest shards): Ray's own retry
     serves (a task whose worker dies runs again; what it writes is atomic). An error raised by a task stops the
     handing out of tasks; the ones in flight finish (a shard is never cut off between its files and its done
-    marker), then the run fails in one line (naming the task as a shard with `shard_errors`).
+    marker), then the run fails in one line (naming the task as a shard with `shard_errors`). Progress counts tasks,
+    unless the caller passes its own `view` (and reports what finished through `on_result`).
     """
     import ray
     from ray.exceptions import RayTaskError
-    from tqdm import tqdm
 
     remote = ray.remote(num_cpus=1, max_retries=3)(fn)
     # Twice the cluster's CPUs in flight: every CPU busy, and a failure stops the run within about one wave.
@@ -339,15 +385,17 @@ def run_tasks(
     running: dict[Any, str] = {}
     results: dict[str, Any] = {}
     failure: Exception | None = None
-    bar = tqdm(total=len(tasks), desc=name, unit="task", disable=not progress, file=sys.stderr)
+    own_view = view is None
+    view = view or Progress(name, len(tasks), unit="task", enabled=progress)
     try:
         while running or (queue and failure is None):
             while queue and failure is None and len(running) < limit:
                 task_id, args = queue.popleft()
                 running[remote.remote(*args)] = task_id
             # The first to finish, then whatever else has finished by now: no task waits on another's end.
-            ready, rest = ray.wait(list(running), num_returns=1)
-            if rest:
+            ready, rest = ray.wait(list(running), num_returns=1, timeout=POLL_EVERY_S)
+            view.tick()
+            if ready and rest:
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in ready:
                 task_id = running.pop(ref)
@@ -358,11 +406,13 @@ def run_tasks(
                     continue
                 if on_result is not None:
                     on_result(task_id, results[task_id])
-                bar.update(1)
+                if own_view:
+                    view.finished(task_id, 1)
         if failure is not None:
             raise failure
     finally:
-        bar.close()
+        if own_view:
+            view.close()
         for ref in running:  # only when interrupted (Ctrl-C): nothing is left running otherwise
             ray.cancel(ref)
     return results
@@ -378,25 +428,25 @@ def run_stateless(
     progress: bool = True,
 ) -> int:
     """`run_actors` for passes with nothing to load: each shard a Ray task, on workers that are already warm."""
-    bar = _progress(name, len(tasks), progress)
-    rate = _Rate(bar)
+    board = _Progress(name, progress)
+    view = Progress(name, len(tasks), enabled=progress, poll=board.take)
 
-    def finished(_: str, done: DoneMarker) -> None:
+    def finished(shard: str, done: DoneMarker) -> None:
         on_done(done, 1)
-        rate.add(done.rows)
+        view.finished(shard, done.rows)
 
     try:
         run_tasks(
             name,
             _process_once,
-            [(shard, (make_worker, shard, payload)) for shard, payload in tasks],
+            [(shard, (make_worker, shard, payload, board.rows_done(shard))) for shard, payload in tasks],
             max_in_flight=resources.workers,
-            progress=False,
             shard_errors=True,
             on_result=finished,
+            view=view,
         )
     finally:
-        bar.close()
+        view.close()
     return 0
 
 

@@ -49,6 +49,7 @@ class SourcePlan:
     units: list[tuple[Unit, str, int]]
     skipped: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)  # damaged input files, one line each (at most MAX_NOTES)
+    remarks: list[str] = field(default_factory=list)  # how the input was read (an annotation file read once of two)
 
     @property
     def samples(self) -> int:
@@ -71,12 +72,14 @@ def plan_source(name: str, input_url: str, listings: Callable[[str], str], map_t
         raise SourceError(f"unknown source {name!r}; choose from {sorted(SOURCES)}")
     layout = SOURCES[name]
     dirs = scan_input(input_url, listings("scan"), map_tasks)
+    remarks: list[str] = []
     if name == "journeydb":
         units, skipped = layout.plan(dirs, input_url, listings("annotations"))
-        files = journeydb.annotation_files(dirs)
+        files, pairs = journeydb.annotation_files(dirs)
         lines = map_tasks(
-            "annotations", journeydb.split_annotations, [("annotations", (files, listings("annotations")))]
+            "annotations", journeydb.split_annotations, [("annotations", (files, listings("annotations"), pairs))]
         )
+        remarks += [journeydb.extracted_note(pair) for pair in pairs]
         claimed = {u.annotations for u in units}
         skipped["not_downloaded"] += sum(n for part, n in lines["annotations"].items() if part not in claimed)
     else:
@@ -92,7 +95,7 @@ def plan_source(name: str, input_url: str, listings: Callable[[str], str], map_t
         more += result["notes_total"] - len(kept)
     if more:
         notes.append(f"... and {more} more problem(s) with input files, noted in {listings('units')}/*.parquet")
-    plan = SourcePlan([(u, files[u.id], listed[u.id]["items"]) for u in units], +skipped, notes)
+    plan = SourcePlan([(u, files[u.id], listed[u.id]["items"]) for u in units], +skipped, notes, remarks)
     if plan.samples == 0:
         found = ", ".join(f"{k}={v}" for k, v in sorted(plan.skipped.items()))
         raise SourceError(

@@ -38,6 +38,7 @@ _FORMAT_EXT = {fmt: ext.lstrip(".") for ext, fmt in Image.registered_extensions(
 
 
 def plan(dirs: list[ScannedDir], input_url: str) -> tuple[list[Unit], Counter]:
+    _refuse_journeydb(dirs, input_url)
     units = [Unit(unit_id(d.rel), "dir", d.url, listing=d.listing, rel=d.rel) for d in dirs if d.loose]
     skipped: Counter = Counter()
     archives = 0
@@ -53,6 +54,22 @@ def plan(dirs: list[ScannedDir], input_url: str) -> tuple[list[Unit], Counter]:
             "writes them use --source img2dataset; for SA-1B tars use --source sa1b"
         )
     return units, skipped
+
+
+def _refuse_journeydb(dirs: list[ScannedDir], input_url: str) -> None:
+    """JourneyDB read as a folder would lose every prompt and key its images by path: refused. Its layout, by name:
+    an annotation file (`*.jsonl`, `*.jsonl.tgz`) beside image archives (`000.tgz`) or their extracted folders
+    (`000/`, digits only), so a folder that merely holds a `metadata.jsonl` is still a folder."""
+    annotations = [url for d in dirs for url, _ in d.containers if suffix_of(url, ANNOTATION_SUFFIXES)]
+    archives = [url for d in dirs for url, _ in d.containers
+                if suffix_of(url, ARCHIVE_SUFFIXES) and not suffix_of(url, ANNOTATION_SUFFIXES)]  # fmt: skip
+    extracted = [d.url for d in dirs if d.rel.rsplit("/", 1)[-1].isdigit() and d.loose]
+    if annotations and (archives or extracted):
+        found = (archives or extracted)[0].rsplit("/", 1)[-1]
+        raise SourceError(
+            f"{input_url} is laid out as JourneyDB (annotations {annotations[0].rsplit('/', 1)[-1]}, images in "
+            f"{found}{'/' if not archives else ''} ...): use --source journeydb"
+        )
 
 
 def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter, list[str]]:

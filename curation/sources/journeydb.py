@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -47,12 +48,35 @@ from curation.sources.base import (
 _FLUSH_ROWS = 10_000  # annotation rows buffered per archive before they are written out
 
 
-def annotation_files(dirs: list[ScannedDir]) -> list[str]:
-    return [url for d in dirs for url, _ in d.containers if suffix_of(url, ANNOTATION_SUFFIXES)]
+_PACKED = tuple(s for s in ANNOTATION_SUFFIXES if s != ".jsonl")  # as shipped: .jsonl.tgz (or gzipped)
+
+
+def annotation_files(dirs: list[ScannedDir]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(the annotation files to read, the (extracted, archive) pairs among them), by name only.
+
+    An annotation archive with its `.jsonl` extracted beside it (`x.jsonl` next to `x.jsonl.tgz`, the state after
+    `tar xzf` in place) is one source, read from the extracted file once `split_annotations` found both to hold the
+    same lines; the archive is not read as a second annotation file.
+    """
+    found = [url for d in dirs for url, _ in d.containers if suffix_of(url, ANNOTATION_SUFFIXES)]
+    plain = {url for url in found if url.endswith(".jsonl")}
+    pairs = []
+    for url in found:
+        packed = suffix_of(url, _PACKED)
+        if packed and url[: -len(packed)] + ".jsonl" in plain:
+            pairs.append((url[: -len(packed)] + ".jsonl", url))
+    archives = {archive for _, archive in pairs}
+    return [url for url in found if url not in archives], pairs
+
+
+def extracted_note(pair: tuple[str, str]) -> str:
+    """The summary's line for an annotation archive extracted beside itself."""
+    extracted, archive = (url.rsplit("/", 1)[-1] for url in pair)
+    return f"annotations: read {extracted}, extracted beside {archive} with the same lines (the archive is not read)"
 
 
 def plan(dirs: list[ScannedDir], input_url: str, annotations_url: str) -> tuple[list[Unit], Counter]:
-    if not annotation_files(dirs):
+    if not annotation_files(dirs)[0]:
         raise SourceError(
             f"no JourneyDB annotation file (*.jsonl or *.jsonl.tgz) under {input_url}: JourneyDB needs it beside the "
             "images; for a plain image folder use --source folder"
@@ -81,8 +105,15 @@ def _part(annotations_url: str, archive: str) -> str:
     return f"{annotations_url.rstrip('/')}/{safe_key(archive) if archive else 'root'}.parquet"
 
 
-def split_annotations(files: list[str], annotations_url: str) -> dict[str, int]:
-    """Stream the annotation file(s) once, writing each archive's lines to its own part; returns lines per part."""
+def split_annotations(
+    files: list[str], annotations_url: str, pairs: list[tuple[str, str]] | tuple = ()
+) -> dict[str, int]:
+    """Stream the annotation file(s) once, writing each archive's lines to its own part; returns lines per part.
+
+    `pairs` (extracted, archive) from `annotation_files`: each is checked to hold the same lines first (a SourceError
+    naming both when they differ: which one is current is the user's call)."""
+    for extracted, archive in pairs:
+        _check_same_lines(extracted, archive)
     counts: Counter = Counter()
     with tempfile.TemporaryDirectory(prefix="curation-jdb-") as scratch:
         writers: dict[str, pq.ParquetWriter] = {}
@@ -134,6 +165,18 @@ def _annotation_rows(files: list[str]) -> Iterator[dict]:
                 "task2_caption": None if caption is None else escape_surrogates(str(caption))[0],
                 "line": where,
             }
+
+
+def _check_same_lines(extracted: str, archive: str) -> None:
+    """Both files, streamed side by side: the first line that differs (or a file that ends early) is refused."""
+    missing = object()
+    for n, (a, b) in enumerate(itertools.zip_longest(_lines(extracted), _lines(archive), fillvalue=missing), 1):
+        if a is missing or b is missing or a[1].rstrip("\r\n") != b[1].rstrip("\r\n"):
+            shorter = f" ({extracted if a is missing else archive} ends first)" if missing in (a, b) else ""
+            raise SourceError(
+                f"the annotation files {extracted} and {archive} differ at line {n}{shorter}: JourneyDB reads one; "
+                "remove the one that is out of date"
+            )
 
 
 def _lines(url: str) -> Iterator[tuple[str, str]]:

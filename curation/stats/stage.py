@@ -28,7 +28,17 @@ from curation.errors import ConfigError, SetupError
 from curation.layout import DEFAULT_SET, Layout
 from curation.records import OK
 from curation.shards import DoneMarker, StageDir, config_hash, lineage, read_parquet, write_json_atomic
-from curation.stage import InputView, Pass, Resources, RunContext, Stage
+from curation.stage import (
+    InputView,
+    Needs,
+    Pass,
+    Resources,
+    RowsDone,
+    RunContext,
+    Stage,
+    needs_images,
+    no_progress,
+)
 from curation.stats.nouns import VALID_THRESHOLD, NounExtractor, NounStats, count_captions, decode_caption
 from curation.stats.overview import sample_gallery, stage_counts
 from curation.stats.report import write_report
@@ -106,12 +116,12 @@ class StatsStage(Stage):
             fs, path = fsspec.core.url_to_fs(url)
             if not fs.exists(path):
                 raise SetupError(f"{what} {url} does not exist")
+        super().check()  # images/, unless a corpus is counted
+        if config.captions is None and config.field == "caption" and not self.layout.caption_sets():
+            raise SetupError(f"no caption set in {self.layout.output}: run curation caption --name NAME first")
 
-        if config.captions is None:
-            if not self.layout.images.done_shards():
-                raise SetupError(self.layout.missing_images())
-            if config.field == "caption" and not self.layout.caption_sets():
-                raise SetupError(f"no caption set in {self.layout.output}: run curation caption --name NAME first")
+    def needs(self) -> list[Needs]:
+        return [needs_images(self.layout)] if self.config.captions is None else []  # a corpus needs no output
 
     def passes(self, ctx: RunContext) -> Iterator[Pass]:
         """The originals' pass (from `images/`: originals and buckets), then one pass per caption set counted."""
@@ -195,7 +205,7 @@ class StatsWorker:
     def setup(self) -> None:
         self.extractor = NounExtractor()
 
-    def process(self, shard: str, payload: None = None) -> DoneMarker:
+    def process(self, shard: str, payload: None = None, rows_done: RowsDone = no_progress) -> DoneMarker:
         started = time.time()
         # Removed samples (duplicates) are left out whether the caption stage skipped them or captioned them
         # (--include-duplicates there); those it skipped are tallied as skipped here too.

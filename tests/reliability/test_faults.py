@@ -22,7 +22,7 @@ from curation.runner import run_pass
 from curation.shards import ShardWriter, StageDir
 from curation.sources import local_map, plan_source
 from curation.sources.listing import read_listing
-from curation.stage import Pass, Resources
+from curation.stage import Pass, Resources, no_progress
 from tests.conftest import REPO
 from tests.layouts import make_folder
 from tests.outputs import index_rows as rows
@@ -37,7 +37,7 @@ class PausingIngest(IngestWriter):
         super().__init__(Layout(output), config)
         self.target, self.signals = target, signals
 
-    def process(self, shard: str, listing_slice: tuple[str, int, int]):
+    def process(self, shard: str, listing_slice: tuple[str, int, int], rows_done=no_progress):
         marker = self.signals / f"{shard}.pid"
         if shard == self.target and not marker.exists():
             items = read_listing(*listing_slice)
@@ -46,7 +46,7 @@ class PausingIngest(IngestWriter):
                     writer.add(item.key, {"jpg": b"half a shard"})
                 marker.write_text(str(os.getpid()))
                 time.sleep(300)
-        return super().process(shard, listing_slice)
+        return super().process(shard, listing_slice, rows_done)
 
 
 def _kill_when_paused(marker: Path, images: Path, seen: dict) -> None:
