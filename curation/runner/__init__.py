@@ -19,7 +19,7 @@ from typing import Any
 from curation.errors import SetupError, ShardError
 from curation.layout import Layout
 from curation.runner.lock import output_lock, record_run_config
-from curation.runner.logs import logged_stages, new_run_id, read_logs, write_shard_log
+from curation.runner.logs import logged_stages, new_run_id, read_logs, write_failed_attempt_log, write_shard_log
 from curation.runner.planning import done_markers, drop_orphans, drop_stale_shards, pending_shards
 from curation.runner.pool import Cluster, ray_session, run_actors, run_stateless, run_tasks
 from curation.runner.summary import RunSummary, StageRun
@@ -113,11 +113,16 @@ def run_pass(
             summary.add(done, ran=True)
             write_shard_log(layout, p.label, done, attempt, run_id)
 
+        def on_failed(shard: str, attempt: int, error: str) -> None:
+            write_failed_attempt_log(layout, p.label, shard, attempt, run_id, error)
+
         try:
             if pending:  # a finished pass connects to no cluster
                 cluster.ensure()
                 run = run_stateless if p.resources.stateless else run_actors
-                summary.retried = run(p.label, p.make_worker, pending, p.resources, on_done, progress=progress)
+                summary.retried = run(
+                    p.label, p.make_worker, pending, p.resources, on_done, progress=progress, on_failed=on_failed
+                )
         finally:
             # The workers are finished or killed: a temporary left now is a dead attempt's (a retried shard's).
             with contextlib.suppress(OSError):

@@ -288,9 +288,11 @@ def run_actors(
     *,
     max_retries: int = 3,
     progress: bool = True,
+    on_failed: Callable[[str, int, str], None] | None = None,
 ) -> int:
-    """Run `tasks` ([(shard, payload)]) on a pool of actors, calling `on_done(marker, attempt)` per shard; returns
-    how many attempts were lost with their worker and run again.
+    """Run `tasks` ([(shard, payload)]) on a pool of actors, calling `on_done(marker, attempt)` per shard, and
+    `on_failed(shard, attempt, error)` per attempt that wrote no shard; returns how many attempts were lost with
+    their worker and run again.
 
     Retries are the runner's, not Ray's (`max_task_retries=0`): Ray would hold the shard for the same actor until it
     restarts, which never happens when its node is gone and the rest of the cluster is full.
@@ -340,9 +342,13 @@ def run_actors(
                 # The worker died mid-shard: what it wrote were temporaries, so the shard simply runs again.
                 actor = pool.worker_lost(ref, str(exc))
                 waking[actor.ready.remote()] = actor
+                if on_failed is not None:
+                    on_failed(shard, pool.lost[shard], f"worker lost: {_one_line(exc)[:300]}")
                 continue
             except RayTaskError as exc:
                 pool.raised(ref, task_failure(name, shard, exc))  # the shards in flight finish first
+                if on_failed is not None:
+                    on_failed(shard, pool.lost.get(shard, 0) + 1, _one_line(getattr(exc, "cause", exc))[:300])
                 continue
             pool.finished(ref)
             on_done(done, pool.lost.get(shard, 0) + 1)
@@ -365,6 +371,7 @@ def run_tasks(
     progress: bool = True,
     shard_errors: bool = False,
     on_result: Callable[[str, Any], None] | None = None,
+    on_error: Callable[[str, str], None] | None = None,
     view: Progress | None = None,
 ) -> dict[str, Any]:
     """Run `fn(*args)` for each (task id, args) as Ray tasks; returns {task id: result}.
@@ -403,6 +410,8 @@ def run_tasks(
                     results[task_id] = ray.get(ref)
                 except RayTaskError as exc:
                     failure = failure or task_failure(name, task_id if shard_errors else None, exc)
+                    if on_error is not None:
+                        on_error(task_id, _one_line(getattr(exc, "cause", exc))[:300])
                     continue
                 if on_result is not None:
                     on_result(task_id, results[task_id])
@@ -426,6 +435,7 @@ def run_stateless(
     on_done: Callable[[DoneMarker, int], None],
     *,
     progress: bool = True,
+    on_failed: Callable[[str, int, str], None] | None = None,
 ) -> int:
     """`run_actors` for passes with nothing to load: each shard a Ray task, on workers that are already warm."""
     board = _Progress(name, progress)
@@ -443,6 +453,7 @@ def run_stateless(
             max_in_flight=resources.workers,
             shard_errors=True,
             on_result=finished,
+            on_error=None if on_failed is None else lambda shard, error: on_failed(shard, 1, error),
             view=view,
         )
     finally:

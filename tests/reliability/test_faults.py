@@ -18,7 +18,7 @@ from curation.caption.model import CaptionConfig
 from curation.caption.stage import CaptionStageConfig, run_caption
 from curation.ingest import IngestConfig, IngestWriter, run_ingest
 from curation.layout import Layout
-from curation.runner import run_pass
+from curation.runner import read_logs, run_pass
 from curation.shards import ShardWriter, StageDir
 from curation.sources import local_map, plan_source
 from curation.sources.listing import read_listing
@@ -93,6 +93,10 @@ def test_actor_sigkilled_mid_shard_is_retried_and_output_matches(tmp_path, coco_
     for name in ("root-001.tar", "root-001.parquet"):
         assert (Path(out) / "images" / name).read_bytes() == (Path(ref) / "images" / name).read_bytes()
     assert_only_done_shards(Path(out) / "images")
+    # The lost attempt has its own log record beside the one that wrote the shard.
+    attempts = [r for r in read_logs(Layout(out), "images", every_attempt=True) if r["shard"] == "root-001"]
+    assert [(r["attempt"], r["rows"]) for r in attempts] == [(1, 0), (2, 4)]
+    assert attempts[0]["error"].startswith("worker lost") and "error" not in attempts[1]
 
 
 @pytest.fixture()
