@@ -76,11 +76,12 @@ class Resources:
     gpu_optional: bool = False  # model stages: run on CPU workers when the cluster has no GPU (laptops, CI)
     workers: int | None = None  # default: as many as the cluster's resources allow
     stateless: bool = False  # nothing to load: Ray tasks on warm pooled workers, no actor to start
+    models: bool = False  # loads checkpoints: --no-progress silences their loading bars too
 
     @classmethod
     def for_device(cls, device: str, workers: int | None = None) -> Resources:
         """A model stage's workers: one GPU each ("auto": CPU workers where the cluster has no GPU)."""
-        return cls(num_gpus=0 if device == "cpu" else 1, gpu_optional=device == "auto", workers=workers)
+        return cls(num_gpus=0 if device == "cpu" else 1, gpu_optional=device == "auto", workers=workers, models=True)
 
 
 @dataclass(frozen=True)

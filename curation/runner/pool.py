@@ -309,7 +309,7 @@ def run_actors(
         max_restarts=-1,  # a dead actor comes back (on any node with room) and rejoins the pool
         max_task_retries=0,  # ... but its shard is requeued by us, for any free actor
     )(_StageActor)
-    actors = [actor_cls.remote(make_worker, not progress) for _ in range(n_workers)]
+    actors = [actor_cls.remote(make_worker, resources.models and not progress) for _ in range(n_workers)]
     pool = Pool(name, deque(tasks), list(reversed(actors)), max_retries)
     waking: dict[Any, Any] = {}  # ready() ref -> a restarting actor
     board = _Progress(name, progress)

@@ -138,7 +138,7 @@ def test_the_export_is_a_pass_of_the_runner(tmp_path, output, ray_local):
     markers = root / ".curation" / "export-pixart-alpha-256ms"
     shards = sorted(p.name.removesuffix(".done.json") for p in markers.glob("*.done.json"))
     assert summary.shards_run == len(shards) == 2 and run.result["shards"] == 2
-    assert sorted(p.stem for p in (out / "logs" / "export-pixart-alpha-256ms").glob("*.json")) == shards
+    assert sorted({p.parent.name for p in (out / "logs" / "export-pixart-alpha-256ms").glob("*/*.json")}) == shards
     assert run.lines()[-1] == "[export-pixart] " + ", ".join(f"{k}={v}" for k, v in run.result.items())
     entries = export_entries(root / "partition_filter")
     again = run_export(str(out), config, progress=False)
