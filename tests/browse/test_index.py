@@ -180,8 +180,7 @@ def test_browse_refuses_what_it_cannot_serve(tmp_path, capsys):
     assert "run curation ingest first" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("port_taken", [True])
-def test_browse_refuses_a_port_in_use(browse_output, capsys, port_taken):
+def test_browse_refuses_a_port_in_use(browse_output, capsys):
     import socket
 
     from curation.cli import main
