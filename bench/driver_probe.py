@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
                 args.input,
                 Layout(args.output).listings,
                 lambda label, fn, tasks: run_tasks(label, fn, tasks, max_in_flight=args.workers, progress=False),
+                shard_size=args.shard_size,
             )
-        samples, shards = plan.samples, len(plan.shards(args.shard_size))
+        samples, shards = plan.samples, len(plan.parts)
     else:
         config = IngestConfig(args.source, args.input, shard_size=args.shard_size, workers=args.workers)
         summary = run_ingest(args.output, config, progress=False)

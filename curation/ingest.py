@@ -4,7 +4,10 @@ Three phases, each run by Ray tasks, so the driver plans source shards and never
 1. list: tasks scan the input folder by folder and list each source shard (an img2dataset tar, an SA-1B tar, a
    JourneyDB archive, a folder) into `OUT/listings/units/<unit>.parquet` (keys, member offsets, sizes);
 2. keys: partitioned passes over the listings refuse a key that appears twice, before any image shard is written;
-3. write: one task per output shard `<unit>-<part>` reads its slice of a listing, the image headers and bytes.
+3. write: one task per output shard `<unit>-<first key>` reads its slice of a listing, the image headers and bytes.
+
+Each write task's lineage is what its slice was made from (`curation.sources.parts`), so a rerun redoes exactly the
+parts whose files changed, and the later stages follow through the lineage they already check.
 """
 
 from __future__ import annotations
@@ -24,25 +27,23 @@ from curation.errors import SourceError
 from curation.imaging import ImageDecodeError, header_size
 from curation.layout import Layout
 from curation.records import Sample, count_statuses, decode_utf8, escape_surrogates, images_table
-from curation.shards import DoneMarker, ShardWriter, config_hash, lineage
-from curation.sources import SOURCES, plan_source
+from curation.shards import DoneMarker, ShardWriter, StageDir, config_hash, lineage
+from curation.sources import SOURCES, SourcePlan, plan_source
 from curation.sources.base import Member, SourceItem, load_json, read_members
-from curation.sources.listing import read_listing
+from curation.sources.listing import read_keys, read_listing
+from curation.sources.parts import KEY_CHUNKS, POSITIONAL
 from curation.sources.sa1b import sa1b_meta
 from curation.stage import Pass, Resources, RowsDone, RunContext, Stage, no_progress
 
 if TYPE_CHECKING:
     from curation.runner import StageRun
 
-# How the input is cut into shards; part of the config hash, so an output planned another way is refused, not mixed.
-PLAN_SCHEME = "source-shards/1"
-
 
 @dataclass(frozen=True)
 class IngestConfig:
     source: str = field(metadata={"help": "the input's layout", "choices": sorted(SOURCES)})
     input: str = field(metadata={"help": "input folder, archive or fsspec URL"})
-    shard_size: int = field(default=1000, metadata={"help": "samples per output shard"})
+    shard_size: int = field(default=1000, metadata={"help": "at most this many samples per output shard"})
     workers: int | None = field(
         default=None, metadata={"help": "tasks at once (default: one per CPU of the cluster)"}
     )  # how fast, not what: not in semantics
@@ -51,11 +52,12 @@ class IngestConfig:
         if self.shard_size < 1:
             raise SourceError("--shard-size must be at least 1")
 
-    def semantics(self) -> dict:
-        """What decides the output's content: a rerun with other values is refused (see runner)."""
+    def semantics(self, plan: str = KEY_CHUNKS) -> dict:
+        """What decides the output's content: a rerun with other values is refused (see runner). `plan`: how the
+        input is cut into shards (`curation.sources.parts`), so an output planned another way is not mixed."""
         # `data`, `./data` and `/abs/data` are one input; URLs are kept as given.
         where = self.input if "://" in self.input else os.path.abspath(self.input)
-        return {"source": self.source, "input": where, "shard_size": self.shard_size, "plan": PLAN_SCHEME}
+        return {"source": self.source, "input": where, "shard_size": self.shard_size, "plan": plan}
 
 
 class IngestStage(Stage):
@@ -68,49 +70,100 @@ class IngestStage(Stage):
 
     def passes(self, ctx: RunContext) -> Iterator[Pass]:
         """List and check the input's source shards (plain Ray tasks), then write one output shard per task."""
+        from curation.runner.planning import refuse_changed_config
+
         config = self.config
+        done = self.layout.images.read_dones(self.layout.images.done_shards())  # one marker per shard
+        scheme = self._scheme(done, ctx.force)
+        if not ctx.force:  # before the runner removes the shards this plan does not make (another --shard-size)
+            refuse_changed_config(self.layout.images.url, done, {config_hash(config.semantics(scheme))})
         plan = plan_source(
             config.source,
             config.input,
             self.layout.listings,
             lambda label, fn, tasks: ctx.map(f"images {label}", fn, tasks, max_in_flight=config.workers),
+            shard_size=config.shard_size,
+            scheme=scheme,
         )
-        self.skipped, self.notes, self.remarks = plan.skipped, plan.notes, plan.remarks
+        if scheme == POSITIONAL:
+            self._adopt(plan, done, ctx)
+        self.plan = plan
         yield Pass(
             label="images",
             folder=self.layout.images,
-            make_worker=functools.partial(IngestWriter, self.layout, config),
-            tasks=plan.shards(config.shard_size),
-            semantics=config.semantics(),
+            make_worker=functools.partial(IngestWriter, self.layout, config, scheme),
+            tasks=plan.shards(),
+            semantics=config.semantics(scheme),
             resources=Resources(num_cpus=1, workers=config.workers, stateless=True),
+            upstream=plan,
         )
+
+    def _scheme(self, done: dict[str, DoneMarker], force: bool) -> str:
+        """An output made before parts were cut by their keys keeps its positional plan, so upgrading redoes nothing;
+        --force re-plans it by keys."""
+        legacy = config_hash(self.config.semantics(POSITIONAL))
+        return POSITIONAL if not force and any(m.config_hash == legacy for m in done.values()) else KEY_CHUNKS
+
+    def _adopt(self, plan: SourcePlan, done: dict[str, DoneMarker], ctx: RunContext) -> None:
+        """Done shards made before parts had a lineage: trusted while they hold their part's keys, and given its
+        lineage (their own `lineage` kept, so the later stages' shards made from them stay done)."""
+        images = self.layout.images
+        legacy = [p for p in plan.parts if p.name in done and not done[p.name].input_lineage]
+        by_listing: dict[str, list] = {}
+        for p in legacy:
+            by_listing.setdefault(p.listing, []).append((p.name, p.start, p.stop, p.lineage))
+        tasks = [(url.rsplit("/", 1)[-1], (images.url, url, parts)) for url, parts in by_listing.items()]
+        if tasks:
+            ctx.map("images adopt", adopt_shards, tasks)
 
     def finish(self, summaries: list) -> list[str]:
         # Input files that are no row, by reason, beside the rows' own tallies; each damaged file named once.
-        summaries[-1].tally({"by_skipped": dict(self.skipped)})
-        return [f"[images] {remark}" for remark in self.remarks] + [
-            f"[images] damaged input: {note}" for note in self.notes
-        ]
+        summaries[-1].tally({"by_skipped": dict(self.plan.skipped)})
+        lines = [f"[images] {remark}" for remark in self.plan.remarks]
+        lines += [f"[images] damaged input: {note}" for note in self.plan.notes]
+        changes = self.plan.changes
+        if changes is not None:  # None: a new output, where everything is new
+            counts = ", ".join(f"{changes.get(k, 0)} {k}" for k in ("added", "changed", "removed"))
+            lines.append(f"[images] input since the last run: {counts} (samples)")
+        return lines
 
     def outputs(self) -> list[str]:
         return [f"images: {self.layout.images.url}/"]
 
 
+def adopt_shards(images_url: str, listing: str, parts: list[tuple[str, int, int, str]]) -> int:
+    """One task per listing: each done shard whose keys are its part's gets the part's lineage; returns how many."""
+    stage = StageDir(images_url)
+    keys, _ = read_keys(listing)
+    adopted = 0
+    for shard, start, stop, part_lineage in parts:
+        marker = stage.read_done(shard)
+        if marker.input_lineage or stage.read_index(shard).column("key").to_pylist() != keys[start:stop]:
+            continue  # another part's keys: redone by the runner
+        marker.input_lineage = part_lineage
+        stage.write_done(marker)
+        adopted += 1
+    return adopted
+
+
 class IngestWriter:
     """Writes one output shard; pure CPU work, nothing to set up."""
 
-    def __init__(self, layout: Layout, config: IngestConfig) -> None:
+    def __init__(self, layout: Layout, config: IngestConfig, scheme: str = KEY_CHUNKS) -> None:
         self.stage_dir = layout.images
-        self.config = config
+        self.chash = config_hash(config.semantics(scheme))
 
     def setup(self) -> None:
         pass
 
-    def process(self, shard: str, listing_slice: tuple[str, int, int], rows_done: RowsDone = no_progress) -> DoneMarker:
-        """One output shard from rows [start, stop) of a unit's listing."""
-        return self.write(shard, read_listing(*listing_slice), rows_done)
+    def process(self, shard: str, part: tuple[str, int, int, str], rows_done: RowsDone = no_progress) -> DoneMarker:
+        """One output shard from rows [start, stop) of a unit's listing; `part`: (listing, start, stop, lineage)."""
+        listing, start, stop, part_lineage = part
+        return self.write(shard, read_listing(listing, start, stop), part_lineage, rows_done)
 
-    def write(self, shard: str, items: list[SourceItem], rows_done: RowsDone = no_progress) -> DoneMarker:
+    def write(
+        self, shard: str, items: list[SourceItem], part_lineage: str, rows_done: RowsDone = no_progress
+    ) -> DoneMarker:
         wanted: list[Member] = []
         for item in items:
             wanted.extend(m for m in (item.image, item.caption, item.meta) if m is not None)
@@ -127,9 +180,7 @@ class IngestWriter:
                     where = writer.add(sample.key, {sample.ext: image, "json": sample.to_json()})
                     members[sample.key] = where[sample.ext]
             counts = count_statuses(samples) | ({"by_repaired": dict(repaired)} if repaired else {})
-            done = DoneMarker(
-                shard, stage="images", **lineage(config_hash(self.config.semantics()), None), counts=counts
-            )
+            done = DoneMarker(shard, stage="images", **lineage(self.chash, part_lineage), counts=counts)
             return writer.commit(images_table(samples, members), done)
 
 

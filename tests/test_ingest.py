@@ -23,7 +23,9 @@ def test_folder_ingest_end_to_end(tmp_path, coco_files, ray_local):
     src = make_folder(tmp_path / "in", coco_files[:12], captions={coco_files[2].name: "two dogs"})
     out = tmp_path / "out"
     summary = run_ingest(str(out), IngestConfig("folder", str(src), shard_size=5), progress=False)
-    assert summary.shards_total == 3 and summary.by_status == {"ok": 12}
+    assert summary.by_status == {"ok": 12}
+    parts = StageDir(f"{out}/images").read_dones(StageDir(f"{out}/images").done_shards())
+    assert summary.shards_total == len(parts) >= 3 and all(0 < d.rows <= 5 for d in parts.values())
     rows = index_rows(out, "images")
     assert len(rows) == 12
     # Sizes come from headers and equal a full decode; bytes pass through unchanged.
@@ -156,7 +158,7 @@ def test_img2dataset_output_formats_ingest_to_the_same_rows(tmp_path, coco_files
         summary = run_ingest(str(tmp_path / f"out-{fmt}"), IngestConfig("img2dataset", str(src)), progress=False)
         assert summary.by_reason == {"failed_to_download": 1, "failed_to_resize": 1}, fmt
         rows = index_rows(tmp_path / f"out-{fmt}", "images")
-        assert StageDir(f"{tmp_path}/out-{fmt}/images").done_shards() == ["00000-000"], fmt
+        assert StageDir(f"{tmp_path}/out-{fmt}/images").done_shards() == ["00000-000000000"], fmt  # its first key
         found[fmt] = {k: {f: r[f] for f in fields} for k, r in rows.items()}
         assert json.loads(rows["000000003"]["source_meta"])["url"] == "https://example.org/gone/0.jpg"
     assert found["webdataset"] == found["files"] == found["parquet"]
@@ -170,15 +172,20 @@ def test_img2dataset_output_formats_ingest_to_the_same_rows(tmp_path, coco_files
         assert (rows["000000002"]["width"], rows["000000002"]["height"]) == ImageOps.exif_transpose(im).size
 
 
-def test_shards_are_named_by_source_shard_and_part(tmp_path, coco_files, ray_local):
+def test_shards_are_named_by_source_shard_and_first_key(tmp_path, coco_files, ray_local):
     src = tmp_path / "in"
-    make_sa1b(src / "batch_a", coco_files[:5], first_id=1)
-    make_sa1b(src / "batch_b", coco_files[5:7], first_id=100)
+    make_sa1b(src / "batch_a", coco_files[:9], first_id=1)
+    make_sa1b(src / "batch_b", coco_files[9:11], first_id=100)
     summary = run_ingest(str(tmp_path / "out"), IngestConfig("sa1b", str(src), shard_size=2), progress=False)
-    assert StageDir(f"{tmp_path}/out/images").done_shards() == [
-        "batch_a__sa_000000-000", "batch_a__sa_000000-001", "batch_a__sa_000000-002", "batch_b__sa_000000-000"
-    ]  # fmt: skip
-    assert summary.samples == 7 and len(index_rows(tmp_path / "out", "images")) == 7
+    stage = StageDir(f"{tmp_path}/out/images")
+    shards = stage.done_shards()
+    assert "batch_b__sa_000000-sa_100" in shards  # a source shard of at most --shard-size samples is one part
+    assert len(shards) > 5
+    for shard in shards:
+        keys = stage.read_index(shard).column("key").to_pylist()
+        unit = "batch_a__sa_000000" if keys[0] in {f"sa_{i}" for i in range(1, 10)} else "batch_b__sa_000000"
+        assert shard == f"{unit}-{keys[0]}" and 0 < len(keys) <= 2
+    assert summary.samples == 11 and len(index_rows(tmp_path / "out", "images")) == 11
 
 
 def test_a_key_clash_across_source_shards_is_refused_before_any_shard(tmp_path, coco_files, ray_local):
@@ -210,8 +217,9 @@ def test_an_output_of_the_old_plan_is_refused_and_force_replans_it(tmp_path, coc
     with pytest.raises(SetupError, match=r"different configuration \(e.g. 00000\).*--force"):
         run_ingest(str(out), config, progress=False)
     summary = run_ingest(str(out), config, force=True, progress=False)
-    assert summary.shards_run == 3
-    assert StageDir(f"{out}/images").done_shards() == ["root-000", "root-001", "root-002"]
+    clean = run_ingest(str(tmp_path / "clean"), config, progress=False)
+    assert summary.shards_run == clean.shards_run
+    assert StageDir(f"{out}/images").done_shards() == StageDir(f"{tmp_path}/clean/images").done_shards()
     assert len(index_rows(out, "images")) == 5  # every key once: the old plan's shards are gone
 
 

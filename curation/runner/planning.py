@@ -32,11 +32,8 @@ def pending_shards(
     done = set(markers)
     accepted = {chash, *compatible}
     changed = sorted(s for s, marker in markers.items() if marker.config_hash not in accepted)
-    if changed and not force:
-        raise SetupError(
-            f"{folder.url} holds {len(changed)} shard(s) made with a different configuration "
-            f"(e.g. {changed[0]}); use a new output folder, or --force to redo them with the new one"
-        )
+    if not force:
+        refuse_changed_config(folder.url, markers, accepted)
     outdated = {
         s
         for s, marker in markers.items()
@@ -44,6 +41,17 @@ def pending_shards(
     }
     redo = set(changed) | outdated
     return [s for s in shards if s not in done or s in redo]
+
+
+def refuse_changed_config(url: str, markers: dict[str, DoneMarker], accepted: set[str]) -> None:
+    """A rerun must not silently mix configs: refused, naming a shard, unless --force. Also called by a stage before
+    its own planning removes anything (ingest: another --shard-size names other shards)."""
+    changed = sorted(s for s, marker in markers.items() if marker.config_hash not in accepted)
+    if changed:
+        raise SetupError(
+            f"{url} holds {len(changed)} shard(s) made with a different configuration "
+            f"(e.g. {changed[0]}); use a new output folder, or --force to redo them with the new one"
+        )
 
 
 def drop_stale_shards(

@@ -31,8 +31,10 @@ from curation.sources.base import (
     Unit,
     check_unique,
     suffix_of,
+    url_of,
 )
-from curation.sources.listing import check_keys, listing_about, read_listing, scan_dir, write_listing
+from curation.sources.listing import check_keys, listing_about, read_keys, read_listing, scan_dir, write_listing
+from curation.sources.parts import KEY_CHUNKS, Part, listing_changes, plan_parts
 
 # The registry also feeds the CLI's --source choices.
 SOURCES: dict[str, Any] = {"folder": folder, "sa1b": sa1b, "img2dataset": img2dataset, "journeydb": journeydb}
@@ -44,30 +46,40 @@ MapTasks = Callable[[str, Callable[..., Any], list[tuple[str, tuple]]], dict[str
 
 @dataclass
 class SourcePlan:
-    """Per unit: its listing file and how many samples it holds; plus what was skipped, by reason."""
+    """Per unit: its listing file and how many samples it holds; what was skipped, by reason; its parts (one per
+    output shard); and the samples added, changed and removed since the previous listing (`changes`)."""
 
     units: list[tuple[Unit, str, int]]
     skipped: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)  # damaged input files, one line each (at most MAX_NOTES)
     remarks: list[str] = field(default_factory=list)  # how the input was read (an annotation file read once of two)
+    parts: list[Part] = field(default_factory=list)
+    changes: Counter | None = None  # None: nothing was listed here before (a new output)
 
     @property
     def samples(self) -> int:
         return sum(n for _, _, n in self.units)
 
-    def shards(self, shard_size: int) -> list[tuple[str, tuple[str, int, int]]]:
-        """(shard name, (listing, start, stop)): `<unit>-000`, `<unit>-001`, ... in each unit's key order."""
-        out = []
-        for unit, listing, n in self.units:
-            parts = math.ceil(n / shard_size)
-            width = max(3, len(str(parts - 1)))
-            for p in range(parts):
-                out.append((f"{unit.id}-{p:0{width}d}", (listing, p * shard_size, min(n, (p + 1) * shard_size))))
-        return out
+    def shards(self) -> list[tuple[str, tuple[str, int, int, str]]]:
+        """(shard name, (listing, start, stop, lineage)): the write tasks."""
+        return [(p.name, (p.listing, p.start, p.stop, p.lineage)) for p in self.parts]
+
+    def lineages(self, shards: list[str]) -> dict[str, str]:
+        """The `Upstream` of the images pass: each part's lineage (what its rows were made from)."""
+        by_name = {p.name: p.lineage for p in self.parts}
+        return {s: by_name[s] for s in shards if s in by_name}
 
 
-def plan_source(name: str, input_url: str, listings: Callable[[str], str], map_tasks: MapTasks) -> SourcePlan:
-    """Plan the input's source shards; `listings(part)` is where the plan's files go (`Layout.listings`)."""
+def plan_source(
+    name: str,
+    input_url: str,
+    listings: Callable[[str], str],
+    map_tasks: MapTasks,
+    shard_size: int = 1000,
+    scheme: str = KEY_CHUNKS,
+) -> SourcePlan:
+    """Plan the input's source shards and their parts of at most `shard_size` samples, cut by `scheme`
+    (`curation.sources.parts`); `listings(part)` is where the plan's files go (`Layout.listings`)."""
     if name not in SOURCES:
         raise SourceError(f"unknown source {name!r}; choose from {sorted(SOURCES)}")
     layout = SOURCES[name]
@@ -86,16 +98,28 @@ def plan_source(name: str, input_url: str, listings: Callable[[str], str], map_t
         units, skipped = layout.plan(dirs, input_url)
     units = _unique_ids(units)
     files = {u.id: f"{listings('units')}/{u.id}.parquet" for u in units}
-    listed = map_tasks("listing", list_unit, [(u.id, (name, u, files[u.id])) for u in units])
+    listed = map_tasks("listing", list_unit, [(u.id, (name, u, files[u.id], shard_size, scheme)) for u in units])
     notes, more = [], 0
+    changes, seen = Counter(), False
     for result in listed.values():
         skipped.update(result["skipped"])
+        changes.update(result["changes"])
+        seen |= not result["new"]
         kept = result["notes"][: max(0, MAX_NOTES - len(notes))]
         notes += kept
         more += result["notes_total"] - len(kept)
     if more:
         notes.append(f"... and {more} more problem(s) with input files, noted in {listings('units')}/*.parquet")
-    plan = SourcePlan([(u, files[u.id], listed[u.id]["items"]) for u in units], +skipped, notes, remarks)
+    removed, seen_removed = _drop_old_listings(listings("units"), {f"{u.id}.parquet" for u in units})
+    changes["removed"] += removed
+    plan = SourcePlan(
+        [(u, files[u.id], listed[u.id]["items"]) for u in units],
+        +skipped,
+        notes,
+        remarks,
+        parts=[p for u in units for p in listed[u.id]["parts"]],
+        changes=+changes if seen or seen_removed else None,
+    )
     if plan.samples == 0:
         found = ", ".join(f"{k}={v}" for k, v in sorted(plan.skipped.items()))
         raise SourceError(
@@ -133,8 +157,9 @@ def _name(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 
-def list_unit(source: str, unit: Unit, listing: str) -> dict[str, Any]:
-    """The listing task of one unit: its samples into `listing`, their count and what was skipped.
+def list_unit(source: str, unit: Unit, listing: str, shard_size: int, scheme: str) -> dict[str, Any]:
+    """The listing task of one unit: its samples into `listing`; their count, what was skipped, its problems, its
+    parts (`Part`s), and the samples added, changed and removed since the listing it replaces (`new`: there was none).
 
     A listing made from the very same files (sizes and modification times or ETags, the folder listing's content)
     is kept: a rerun after a crash does not read every archive's headers again (on object storage, its bytes).
@@ -142,15 +167,40 @@ def list_unit(source: str, unit: Unit, listing: str) -> dict[str, Any]:
     fingerprint = unit_fingerprint(source, unit)
     about = listing_about(listing)
     if about and about.get("fingerprint") == fingerprint:
-        return {k: about[k] for k in ("items", "skipped", "notes", "notes_total")}
-    items, skipped, notes = SOURCES[source].list_unit(unit)
-    check_unique(items)
-    result = {"items": len(items), "skipped": dict(skipped), "notes": notes[:MAX_NOTES], "notes_total": len(notes)}
-    write_listing(listing, items, {"fingerprint": fingerprint, **result})
-    return result
+        result = {k: about[k] for k in ("items", "skipped", "notes", "notes_total")} | {"changes": {}, "new": False}
+        keys, identities = read_keys(listing)
+    else:
+        old = read_keys(listing) if about is not None else None
+        items, skipped, notes = SOURCES[source].list_unit(unit)
+        check_unique(items)
+        result = {"items": len(items), "skipped": dict(skipped), "notes": notes[:MAX_NOTES], "notes_total": len(notes)}
+        write_listing(listing, items, {"fingerprint": fingerprint, **result})
+        items.sort(key=lambda i: i.key)
+        keys, identities = [i.key for i in items], [i.identity() for i in items]
+        result |= {"changes": dict(listing_changes(old or ([], None), (keys, identities))), "new": old is None}
+    return {**result, "parts": plan_parts(unit.id, listing, keys, identities, shard_size, scheme)}
 
 
-LISTING_VERSION = 2  # bump when what a listing holds changes: older listings are then made again
+def _drop_old_listings(units_url: str, current: set[str]) -> tuple[int, bool]:
+    """Listings of units the input no longer has (a deleted tar or folder; `current`: the file names of the units it
+    has): their samples count as removed, and the files go, so they are counted once. Returns (samples, whether
+    there were any)."""
+    fs, path = fsspec.core.url_to_fs(units_url)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return 0, False
+    removed, found = 0, False
+    for name in fs.ls(path, detail=False):
+        base = name.rsplit("/", 1)[-1]
+        if not base.endswith(".parquet") or base in current or base.startswith("."):
+            continue
+        found = True
+        removed += (listing_about(url_of(fs, name, units_url)) or {}).get("items", 0)
+        fs.rm(name)
+    return removed, found
+
+
+LISTING_VERSION = 3  # bump when what a listing holds changes: older listings are then made again
 
 
 def unit_fingerprint(source: str, unit: Unit) -> str:
@@ -198,4 +248,4 @@ def list_source(name: str, input_url: str) -> list[SourceItem]:
         return [item for _, listing, _ in plan.units for item in read_listing(listing)]
 
 
-__all__ = ["SOURCES", "SourceError", "SourceItem", "SourcePlan", "list_source", "plan_source"]
+__all__ = ["SOURCES", "Part", "SourceError", "SourceItem", "SourcePlan", "list_source", "plan_source"]

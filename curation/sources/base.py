@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import json
 import re
 from collections import Counter
@@ -48,6 +49,7 @@ class Member:
     offset: int | None = None  # data offset in an uncompressed tar (read by seeking), or the parquet row
     size: int | None = None
     column: str | None = None  # set for a parquet cell: the binary column holding the image
+    version: str | None = None  # what identifies these bytes: size and mtime or ETag (`file_version`), tar header
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,15 @@ class SourceItem:
     source_meta: dict[str, Any] | None = None
     unavailable: str | None = None  # why there is no image: kept as a failed sample with this message
     unavailable_reason: str = "missing_image"  # its short category (img2dataset's own status where it has one)
+
+    def identity(self) -> str:
+        """What this sample is made of: its listed fields and the identity of every file it reads, but not where
+        the bytes sit (a tar member's offset), so rewriting a tar with one changed member changes one identity."""
+        files = [None if m is None else [m.member or m.container, m.version] for m in (self.image, self.caption,
+                                                                                        self.meta)]  # fmt: skip
+        state = [self.key, self.source, self.source_id, self.ext, self.original_caption, self.source_meta,
+                 self.unavailable, self.unavailable_reason, files]  # fmt: skip
+        return hashlib.blake2b(json.dumps(state, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +118,12 @@ def unit_id(rel: str, suffixes: tuple[str, ...] = CONTAINER_SUFFIXES) -> str:
     suffix = suffix_of(rel, suffixes)
     rel = rel[: -len(suffix)] if suffix else rel
     return safe_key(rel) if rel else "root"
+
+
+def file_version(info: dict[str, Any]) -> str:
+    """A file's identity as a listing records it: its size and modification time (ETag on object stores)."""
+    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return f"{info.get('size')}:{stamp}"
 
 
 def url_of(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
@@ -171,15 +188,17 @@ def list_tar(url: str) -> Listing:
     members = []
     for name, offset, size in walk.files:
         check_member_name(url, name)
-        members.append((name, Member(url, name, None if compressed else offset, size)))
+        # Identified by size and header mtime, not offset: one changed member moves every later one.
+        version = f"{size}:{walk.mtimes[name]}"
+        members.append((name, Member(url, name, None if compressed else offset, size, version=version)))
     return Listing(members, walk.damaged, walk.skipped, walk.notes)
 
 
 def list_loose(listing: str) -> Listing:
     """The loose files a scanning task found in one folder, as a Listing (files over the size cap are damaged)."""
     members, damaged = [], {}
-    for url, size in read_loose_listing(listing):
-        members.append((url, Member(url)))
+    for url, size, version in read_loose_listing(listing):
+        members.append((url, Member(url, version=version)))
         if size > MAX_MEMBER_BYTES:
             damaged[url] = ("too_large", f"{url} is {size:,} bytes, over the {MAX_MEMBER_BYTES:,} cap")
     return Listing(members, damaged)
@@ -201,10 +220,11 @@ def apply_damage(items: list[SourceItem], damaged: dict[str, tuple[str, str]]) -
     return out
 
 
-def read_loose_listing(url: str) -> list[tuple[str, int]]:
-    """(URL, size) of the loose files a scanning task found in one folder."""
+def read_loose_listing(url: str) -> list[tuple[str, int, str]]:
+    """(URL, size, `file_version`) of the loose files a scanning task found in one folder."""
     table = read_parquet(*fsspec.core.url_to_fs(url))
-    return list(zip(table.column("url").to_pylist(), table.column("size").to_pylist(), strict=True))
+    columns = [table.column(c).to_pylist() for c in ("url", "size", "version")]
+    return list(zip(*columns, strict=True))
 
 
 def check_key(item: SourceItem) -> None:

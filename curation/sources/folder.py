@@ -20,7 +20,6 @@ from curation.sources.base import (
     ANNOTATION_SUFFIXES,
     ARCHIVE_SUFFIXES,
     IMAGE_EXTENSIONS,
-    Member,
     ScannedDir,
     SourceError,
     SourceItem,
@@ -74,11 +73,11 @@ def _refuse_journeydb(dirs: list[ScannedDir], input_url: str) -> None:
 
 def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter, list[str]]:
     listing = list_loose(unit.listing)
-    files = [(url, m) for url, m in listing.members]
+    files = dict(listing.members)
     skipped: Counter = Counter()
-    texts = {url[: -len(".txt")] for url, _ in files if url.endswith(".txt")}
+    texts = {url[: -len(".txt")]: m for url, m in files.items() if url.endswith(".txt")}
     images: list[tuple[str, str]] = []  # (url, ext)
-    for url, _ in files:
+    for url in files:
         if url.endswith(".txt"):
             continue
         ext = image_ext(url) or _sniff(url)
@@ -87,8 +86,8 @@ def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter, list[str]]:
         else:
             images.append((url, ext))
     stems = Counter(_stem(url) for url, _ in images)
-    paired = {_stem(url) for url, _ in images} & texts
-    skipped["caption_without_image"] += len(texts - paired)
+    paired = {_stem(url) for url, _ in images} & texts.keys()
+    skipped["caption_without_image"] += len(texts.keys() - paired)
     prefix = f"{unit.rel}/" if unit.rel else ""
     items = []
     for url, ext in images:
@@ -100,8 +99,8 @@ def list_unit(unit: Unit) -> tuple[list[SourceItem], Counter, list[str]]:
                 source="folder",
                 source_id=prefix + name,
                 ext=ext,
-                image=Member(url),
-                caption=Member(_stem(url) + ".txt") if _stem(url) in texts else None,
+                image=files[url],
+                caption=texts.get(_stem(url)),
             )
         )
     return apply_damage(items, listing.damaged), +skipped, []

@@ -31,6 +31,7 @@ from curation.sources.base import (
     SourceItem,
     Unit,
     apply_damage,
+    file_version,
     image_ext,
     list_loose,
     list_tar,
@@ -129,6 +130,8 @@ def _list_parquet(url: str) -> tuple[list[SourceItem], Counter, list[str]]:
             f"{url} has no image column ({'/'.join(_IMAGE_COLUMNS)}) or no key column, and no NNNNN.tar or NNNNN/ "
             "beside it: not an img2dataset shard"
         )
+    # The bytes sit in the file: a cell's identity is the file's (a changed parquet redoes its unit's parts).
+    version = file_version(fs.info(path))
     items = []
     try:
         rows = _rows(url, without=column)
@@ -146,7 +149,7 @@ def _list_parquet(url: str) -> tuple[list[SourceItem], Counter, list[str]]:
                 source="img2dataset",
                 source_id=str(row.get("url") or row["key"]),
                 ext=column,
-                image=Member(url, str(row["key"]), i, None, column),
+                image=Member(url, str(row["key"]), i, None, column, version),
                 original_caption=row.get("caption"),
                 source_meta=row,
             )

@@ -1,6 +1,7 @@
 """Listing files: what the planning tasks write under `OUT/listings/`, so the driver never holds a sample.
 
-    scan/<folder>.parquet      the loose files of one input folder (url, size), written by the task that scanned it
+    scan/<folder>.parquet      the loose files of one input folder (url, size, version: size and mtime or ETag),
+                               written by the task that scanned it
     annotations/<archive>.parquet  JourneyDB: the annotation lines of one image archive
     units/<unit>.parquet       one source shard's samples (key, where its bytes are, captions, metadata), by key
 
@@ -30,6 +31,7 @@ from curation.sources.base import (
     SourceError,
     SourceItem,
     file_ext,
+    file_version,
     suffix_of,
     url_of,
     where,
@@ -40,7 +42,7 @@ MAX_EXTS = 16  # a folder's loose-file extensions reported to the driver: the co
 ROW_GROUP = 1000  # listing rows per parquet row group: an output shard of --shard-size rows reads about its own
 _MEMBERS = ("image", "caption", "meta")
 _MEMBER_FIELDS = (("container", pa.string()), ("member", pa.string()), ("offset", pa.int64()),
-                  ("size", pa.int64()), ("column", pa.string()))  # fmt: skip
+                  ("size", pa.int64()), ("column", pa.string()), ("version", pa.string()))  # fmt: skip
 LISTING_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -53,6 +55,7 @@ LISTING_SCHEMA = pa.schema(
         ("source_meta", pa.string()),
         ("unavailable", pa.string()),
         ("unavailable_reason", pa.string()),
+        ("identity", pa.string()),  # `SourceItem.identity()`: what the sample is made of, for its part's lineage
     ]
 )
 
@@ -76,12 +79,13 @@ def scan_dir(url: str, rel: str, scan_folder: str) -> ScannedDir:
         elif suffix_of(name, CONTAINER_SUFFIXES):
             containers.append((full, int(entry.get("size") or 0)))
         else:
-            loose.append((full, int(entry.get("size") or 0)))
+            loose.append((full, int(entry.get("size") or 0), file_version(entry)))
     listing = None
     if loose:
         listing = f"{scan_folder.rstrip('/')}/{safe_key(rel or 'root')}.parquet"
-        write_parquet_atomic(listing, pa.table({"url": [u for u, _ in loose], "size": [s for _, s in loose]}))
-    exts = Counter(file_ext(u) for u, _ in loose).most_common(MAX_EXTS)
+        columns = dict(zip(("url", "size", "version"), map(list, zip(*loose, strict=True)), strict=True))
+        write_parquet_atomic(listing, pa.table(columns))
+    exts = Counter(file_ext(u) for u, _, _ in loose).most_common(MAX_EXTS)
     return ScannedDir(url, rel, tuple(subdirs), tuple(containers), len(loose), tuple(exts), listing)
 
 
@@ -94,6 +98,7 @@ def write_listing(url: str, items: list[SourceItem], about: dict[str, Any] | Non
         columns["bucket"].append(key_bucket(item.key))
         for name in ("source", "source_id", "ext", "original_caption", "unavailable", "unavailable_reason"):
             columns[name].append(getattr(item, name))
+        columns["identity"].append(item.identity())
         columns["source_meta"].append(
             json.dumps(item.source_meta, ensure_ascii=False, default=str) if item.source_meta is not None else None
         )
@@ -116,6 +121,17 @@ def listing_about(url: str) -> dict[str, Any] | None:
     with fs.open(path, "rb") as f:
         metadata = pq.read_schema(f).metadata or {}
     return json.loads(metadata.get(b"about", b"{}"))
+
+
+def read_keys(url: str) -> tuple[list[str], list[str] | None]:
+    """A listing's keys and their identities (None for a listing made before identities were recorded)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        columns = [c for c in ("key", "identity") if c in pf.schema_arrow.names]
+        table = pf.read(columns=columns, use_threads=False)  # see shards.read_parquet
+    identities = table.column("identity").to_pylist() if "identity" in columns else None
+    return table.column("key").to_pylist(), identities
 
 
 def read_listing(url: str, start: int = 0, stop: int | None = None) -> list[SourceItem]:

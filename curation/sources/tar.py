@@ -38,6 +38,7 @@ class TarWalk:
     """What one pass over an archive found."""
 
     files: list[tuple[str, int, int]] = field(default_factory=list)  # (name, data offset, size), archive order
+    mtimes: dict[str, int] = field(default_factory=dict)  # name -> the header's mtime (with its size: its identity)
     damaged: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (reason, message): not readable
     skipped: Counter = field(default_factory=Counter)  # entries that are no sample, by reason
     notes: list[str] = field(default_factory=list)  # what was wrong, one line each (at most MAX_NOTES)
@@ -109,6 +110,14 @@ def _size(block: bytes) -> int:
             raise ValueError("negative size")
         return int.from_bytes(bytes([block[124] & 0x7F]) + block[125:136], "big")
     return int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _mtime(block: bytes, pax: str | None) -> int:
+    """The member's modification time (pax's own record first); 0 where the header's field is unreadable."""
+    try:
+        return int(float(pax)) if pax else int(block[136:148].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:  # a base-256 mtime or a damaged field: the size alone then identifies the member
+        return 0
 
 
 def _name(raw: bytes) -> str:
@@ -199,7 +208,7 @@ def _walk(stream: _Stream, url: str, walk: TarWalk, max_size: int, wanted: Conta
             elif kind == b"x":
                 pax = _pax(data)
             continue  # K (long link target) and g (global pax records) change no member we list
-        name = pax.get("path") or long_name
+        name, pax_mtime = pax.get("path") or long_name, pax.get("mtime")
         if name is None:
             name = _name(header[:100].split(b"\0", 1)[0])
             if header[257:262] == b"ustar" and header[345] != 0:
@@ -213,6 +222,7 @@ def _walk(stream: _Stream, url: str, walk: TarWalk, max_size: int, wanted: Conta
         regular = kind in _REGULAR and not (kind == b"\0" and name.endswith("/"))  # not an old-style folder
         if regular:
             walk.files.append((name, offset, size))
+            walk.mtimes[name] = _mtime(header, pax_mtime)
             if size > max_size:
                 walk.damaged[name] = ("too_large", f"{name} in {url} is {size:,} bytes, over the {max_size:,} cap")
         elif kind not in _REGULAR:  # GNU sparse files, volume labels, ...: data we cannot read as one file

@@ -37,16 +37,16 @@ class PausingIngest(IngestWriter):
         super().__init__(Layout(output), config)
         self.target, self.signals = target, signals
 
-    def process(self, shard: str, listing_slice: tuple[str, int, int], rows_done=no_progress):
+    def process(self, shard: str, part: tuple[str, int, int, str], rows_done=no_progress):
         marker = self.signals / f"{shard}.pid"
         if shard == self.target and not marker.exists():
-            items = read_listing(*listing_slice)
+            items = read_listing(*part[:3])
             with ShardWriter(self.stage_dir, shard) as writer:
                 for item in items[: len(items) // 2]:
                     writer.add(item.key, {"jpg": b"half a shard"})
                 marker.write_text(str(os.getpid()))
                 time.sleep(300)
-        return super().process(shard, listing_slice, rows_done)
+        return super().process(shard, part, rows_done)
 
 
 def _kill_when_paused(marker: Path, images: Path, seen: dict) -> None:
@@ -67,17 +67,19 @@ def test_actor_sigkilled_mid_shard_is_retried_and_output_matches(tmp_path, coco_
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     run_ingest(ref, config, progress=False)
 
+    tasks = plan_source("folder", str(src), Layout(str(tmp_path)).listings, local_map, config.shard_size).shards()
+    target = [shard for shard, _ in tasks if shard.startswith("root-")][1]
     signals = tmp_path / "signals"
     signals.mkdir()
     seen: dict = {}
-    watcher = threading.Thread(target=_kill_when_paused, args=(signals / "root-001.pid", Path(out) / "images", seen))
+    watcher = threading.Thread(target=_kill_when_paused, args=(signals / f"{target}.pid", Path(out) / "images", seen))
     watcher.start()
     # The actor pool (not stateless tasks): its own requeue of a shard whose worker died is what is tested.
     ingest = Pass(
         label="images",
         folder=Layout(out).images,
-        make_worker=lambda: PausingIngest(out, config, "root-001", signals),
-        tasks=plan_source("folder", str(src), Layout(str(tmp_path)).listings, local_map).shards(config.shard_size),
+        make_worker=lambda: PausingIngest(out, config, target, signals),
+        tasks=tasks,
         semantics=config.semantics(),
         resources=Resources(num_cpus=1),
     )
@@ -85,17 +87,18 @@ def test_actor_sigkilled_mid_shard_is_retried_and_output_matches(tmp_path, coco_
     watcher.join()
 
     assert seen["pid"] != os.getpid(), "the SIGKILL must hit a Ray worker, not the driver"
-    assert any(n.endswith("-root-001.tar") for n in seen["temporaries"]), "the kill must land mid-write"
-    assert "root-001" not in seen["done_before"], "a half-written shard must never be listed as done"
-    assert summary.retried == 1 and summary.shards_run == 5
+    assert any(n.endswith(f"-{target}.tar") for n in seen["temporaries"]), "the kill must land mid-write"
+    assert target not in seen["done_before"], "a half-written shard must never be listed as done"
+    assert summary.retried == 1 and summary.shards_run == len(tasks)
     # Same keys, same bytes as the uninterrupted run; the dead attempt's temporary is gone.
     assert set(rows(out, "images")) == set(rows(ref, "images"))
-    for name in ("root-001.tar", "root-001.parquet"):
+    for name in (f"{target}.tar", f"{target}.parquet"):
         assert (Path(out) / "images" / name).read_bytes() == (Path(ref) / "images" / name).read_bytes()
     assert_only_done_shards(Path(out) / "images")
     # The lost attempt has its own log record beside the one that wrote the shard.
-    attempts = [r for r in read_logs(Layout(out), "images", every_attempt=True) if r["shard"] == "root-001"]
-    assert [(r["attempt"], r["rows"]) for r in attempts] == [(1, 0), (2, 4)]
+    attempts = [r for r in read_logs(Layout(out), "images", every_attempt=True) if r["shard"] == target]
+    rows_in_target = next(stop - start for shard, (_, start, stop, _) in tasks if shard == target)
+    assert [(r["attempt"], r["rows"]) for r in attempts] == [(1, 0), (2, rows_in_target)]
     assert attempts[0]["error"].startswith("worker lost") and "error" not in attempts[1]
 
 

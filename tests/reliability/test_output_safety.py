@@ -101,14 +101,16 @@ def test_full_disk_fails_cleanly_then_resumes_to_the_uninterrupted_keys(tmp_path
 
 def test_changed_config_is_one_line_exit_2_and_force_redoes_without_stale_shards(tmp_path, coco_files, ray_local):
     src, out = make_folder(tmp_path / "in", coco_files[:6], nested=False), tmp_path / "out"
-    run_ingest(str(out), IngestConfig("folder", str(src), shard_size=2), progress=False)  # root-000 ... root-002
+    run_ingest(str(out), IngestConfig("folder", str(src), shard_size=2), progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     line = one_error_line(cli(*_ingest_args(src, out, shard_size=3)), "ingest")
     assert "different configuration" in line and "--force" in line
-    assert StageDir(str(out / "images")).done_shards() == ["root-000", "root-001", "root-002"]  # untouched
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == before  # untouched, none removed
 
     forced = cli(*_ingest_args(src, out, shard_size=3), "--force")
     assert forced.returncode == 0, forced.stderr[-3000:]
-    # Three items per shard now: two shards, and the old root-002 is gone rather than repeating keys of root-001.
-    assert StageDir(str(out / "images")).done_shards() == ["root-000", "root-001"]
+    # Cut for 3 per shard now: the old plan's shards are gone rather than repeating keys of the new ones.
+    run_ingest(str(tmp_path / "clean"), IngestConfig("folder", str(src), shard_size=3), progress=False)
+    assert StageDir(str(out / "images")).done_shards() == StageDir(str(tmp_path / "clean" / "images")).done_shards()
     assert len(rows(out, "images")) == 6
     assert_only_done_shards(out / "images")
