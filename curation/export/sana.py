@@ -129,12 +129,10 @@ def plan_export(layout: Layout, config: SanaConfig) -> tuple[SanaPlan, list[str]
         )
     fields = (prompt, *[s for s in sets if s != prompt], *([ORIGINAL] if prompt != ORIGINAL else []))
     vae = _latents(layout, config) if config.vae_tag else None
-    plan = SanaPlan(layout, config, fields, vae)
-    for d in [plan.layout.captions(prompt)] if prompt != ORIGINAL else []:
-        shards = [s for s in shards if s in set(d.done_shards())]
-    if vae:
-        shards = [s for s in shards if s in set(layout.sidecar(vae).done_shards())]
-    return plan, shards
+    # A shard is exported once its prompt set and its latents are done (other sets may cover fewer shards).
+    needed = ([layout.captions(prompt)] if prompt != ORIGINAL else []) + ([layout.sidecar(vae)] if vae else [])
+    ready = set(shards).intersection(*(d.done_shards() for d in needed))
+    return SanaPlan(layout, config, fields, vae), [s for s in shards if s in ready]
 
 
 def _latents(layout: Layout, config: SanaConfig) -> str:
@@ -161,7 +159,8 @@ class SanaStage(Stage):
 
     def __init__(self, layout: Layout, config: SanaConfig) -> None:
         super().__init__(layout, config)
-        self.result: dict[str, int] = {}
+        self.result: dict[str, int] = {}  # the counts, for callers
+        self.shards: list[str] = []  # planned by `check`, with `plan`
 
     def check(self) -> None:
         self.plan, self.shards = plan_export(self.layout, self.config)
@@ -192,7 +191,7 @@ class SanaStage(Stage):
         meta = {"wids_version": 1, "shardlist": shardlist}
         write_bytes_atomic(os.path.join(self.config.to, META), json.dumps(meta, indent=1).encode())
         self.result = dict(sorted(summaries[0].counts.get("by_export", {}).items()))
-        self.result["shards"] = len(shardlist)
+        self.result["shards_listed"] = len(shardlist)  # in wids-meta.json: those with samples
         lines = ["[export-sana] " + ", ".join(f"{k}={v}" for k, v in self.result.items())]
         if not _clip_scores(self.layout, self.shards[0], self.plan.fields):
             lines.append(f"[export-sana] no clip scores ({QUALITY}/ has no clip_score_<set> columns): files left out")
