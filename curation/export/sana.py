@@ -50,7 +50,7 @@ from curation.imaging import ImageDecodeError, decode_image
 from curation.layout import DEFAULT_SET, ORIGINAL, Layout, check_set_name
 from curation.records import OK
 from curation.shards import DoneMarker, StageDir, config_hash, lineage, write_bytes_atomic
-from curation.stage import InputView, Pass, Resources, RowsDone, RunContext, Stage, no_progress
+from curation.stage import InputView, Needs, Pass, Resources, RowsDone, RunContext, Stage, needs_images, no_progress
 
 if TYPE_CHECKING:
     from curation.runner import StageRun
@@ -162,7 +162,11 @@ class SanaStage(Stage):
         self.result: dict[str, int] = {}  # the counts, for callers
         self.shards: list[str] = []  # planned by `check`, with `plan`
 
+    def needs(self) -> list[Needs]:
+        return [needs_images(self.layout)]
+
     def check(self) -> None:
+        super().check()
         self.plan, self.shards = plan_export(self.layout, self.config)
         if not self.shards:
             raise SetupError(f"no shard of {self.layout.output} has every input of the export done")
