@@ -240,7 +240,7 @@ def test_the_stage_declares_one_pass_over_the_images_shards(made):
         assert callable(getattr(p.folder, method))
     folder: ShardFolder = p.folder
     assert folder.url == f"{out}/features" and p.semantics == config.semantics()
-    assert p.resources == Resources(num_gpus=1, gpu_optional=True)
+    assert p.resources == Resources(num_gpus=1, gpu_optional=True, models=True)
     assert isinstance(p.make_worker(), FeaturesWorker)
     assert stage.outputs() == [f"features: {out}/features/"]
 
