@@ -19,6 +19,7 @@ BENCHES = [
     "bench_features_cpu.py",
     "bench_dedup.py",
     "bench_browse.py",
+    "bench_rerun_check.py",
 ]
 
 

@@ -5,6 +5,7 @@ dataclass (see `curation.stage` for the field metadata). Every stage is resumabl
     curation run --output OUT [every in-run stage's flags, as --<stage>-<flag> or unique ones bare] [--no-<stage>]
     curation logs --output OUT [--stage LABEL] [--all]
     curation browse --output OUT [--host 127.0.0.1] [--port 8470]
+    curation verify --output OUT [--stage LABEL ...]
     curation make-tiny-models FOLDER
 
 Nothing here names a stage (but the legacy flag table below): a new stage is its module and one registry line.
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for cls, _ in stages:
-        if cls.name in ("run", "logs", "browse", "make-tiny-models"):
+        if cls.name in ("run", "logs", "browse", "verify", "make-tiny-models"):
             raise TypeError(f"{cls.__name__}: stage name {cls.name!r} is taken by a built-in command")
         p = sub.add_parser(cls.name, help=cls.help, description=cls.help)
         _common(p)
@@ -261,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8470, help="port (default: 8470; 0 picks a free one)")
     _verbose(p, argparse.SUPPRESS)
     p.set_defaults(handler=_browse)
+
+    p = sub.add_parser("verify", help="read every done shard back: files, checksums, indexes, keys between stages")
+    p.add_argument("--output", required=True, help="the output folder or URL")
+    p.add_argument(
+        "--stage", nargs="+", default=None, metavar="LABEL", help="these folders only (images, features ...)"
+    )
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: an embedded local Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _verbose(p, argparse.SUPPRESS)
+    p.set_defaults(handler=_verify)
 
     p = sub.add_parser("make-tiny-models", help="build tiny random LLaVA, T5 and VAE checkpoints (tests, demo)")
     p.add_argument("folder")
@@ -391,6 +402,15 @@ def _browse(args: argparse.Namespace) -> int:
     from curation.browse.app import serve
 
     return serve(args.output, args.host, args.port)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """One line per problem found, then a summary; exit 2 when anything was found."""
+    from curation.verify import verify
+
+    problems, summary = verify(args.output, args.stage, ray_address=args.ray_address, progress=not args.no_progress)
+    _print(problems + summary)
+    return 2 if problems else 0
 
 
 def _make_tiny_models(args: argparse.Namespace) -> int:

@@ -66,7 +66,7 @@ class Layout:
     # -- stage folders ----------------------------------------------------------------------------------------
     @property
     def images(self) -> StageDir:
-        return StageDir(self.url("images"))
+        return StageDir(self.url("images"), "ingest")
 
     def listings(self, part: str) -> str:
         """Ingest's plan: `scan`, `units` or `annotations`."""
@@ -74,15 +74,15 @@ class Layout:
 
     @property
     def dedup(self) -> StageDir:
-        return StageDir(self.url("dedup"))
+        return StageDir(self.url("dedup"), "dedup")
 
     @property
     def dedup_hashes(self) -> StageDir:
-        return StageDir(self.url("dedup", "hashes"))
+        return StageDir(self.url("dedup", "hashes"), "dedup")
 
     @property
     def dedup_edges(self) -> StageDir:
-        return StageDir(self.url("dedup", "edges"))
+        return StageDir(self.url("dedup", "edges"), "dedup")
 
     @property
     def dedup_summary(self) -> str:
@@ -94,7 +94,8 @@ class Layout:
         return "captions" if check_set_name(caption_set) == DEFAULT_SET else f"captions-{caption_set}"
 
     def captions(self, caption_set: str = DEFAULT_SET) -> StageDir:
-        return StageDir(self.url(self.captions_folder(caption_set)))
+        folder = self.captions_folder(caption_set)
+        return StageDir(self.url(folder), "caption" if folder == "captions" else f"caption --name {caption_set}")
 
     def caption_sets(self) -> list[str]:
         """The caption sets with at least one done shard, the default set first."""
@@ -111,12 +112,13 @@ class Layout:
 
     def stats(self, caption_set: str = DEFAULT_SET) -> StageDir:
         """Noun-count partials of a caption set (an older output's default set's also count the originals)."""
-        return StageDir(self.url("stats" if check_set_name(caption_set) == DEFAULT_SET else f"stats-{caption_set}"))
+        folder = "stats" if check_set_name(caption_set) == DEFAULT_SET else f"stats-{caption_set}"
+        return StageDir(self.url(folder), "stats")
 
     @property
     def stats_original(self) -> StageDir:
         """Noun-count partials of the originals, from `images/`' records (`original` is no set name: no clash)."""
-        return StageDir(self.url(f"stats-{ORIGINAL}"))
+        return StageDir(self.url(f"stats-{ORIGINAL}"), "stats")
 
     def missing(self, what: str, command: str) -> str:
         """The one-line refusal of a stage whose input (`what`) is not there: `command` makes it."""
@@ -136,12 +138,34 @@ class Layout:
 
     def sidecar(self, name: str) -> StageDir:
         """One feature sidecar folder (`t5`, `vae512ms`, ...): names come from `curation.features`."""
-        return StageDir(self.url("features", name))
+        return StageDir(self.url("features", name), "features")
 
     def stage_folder(self, stage_name: str) -> StageDir:
         """The folder of a stage that keeps one folder named after itself (stage names contain a dash or are in
         RESERVED, so no caption set can take one)."""
-        return StageDir(self.url(stage_name))
+        return StageDir(self.url(stage_name), stage_name)
+
+    def shard_folder(self, rel: str) -> tuple[StageDir, StageDir | None]:
+        """A folder of shards named by its path in the output (`images`, `captions-dense`, `features/t5`,
+        `dedup/hashes`), and the folder whose shards of the same names hold the keys it was made from (None for
+        `images/`, and for `dedup/edges`, whose tasks are not images shards)."""
+        top, _, sub = rel.partition("/")
+        if top == "features" and sub:
+            return self.sidecar(sub), self.images
+        if top == "dedup":
+            folder = {"": self.dedup, "hashes": self.dedup_hashes, "edges": self.dedup_edges}[sub]
+            return folder, None if sub == "edges" else self.images
+        if sub:
+            raise KeyError(rel)
+        if top == "images":
+            return self.images, None
+        if top == self.stats_original.url.rsplit("/", 1)[-1]:
+            return self.stats_original, self.images
+        for prefix, folder in (("captions", self.captions), ("stats", self.stats)):
+            if top == prefix or top.startswith(f"{prefix}-"):
+                name = top.removeprefix(prefix).removeprefix("-") or DEFAULT_SET
+                return folder(name), self.images if prefix == "captions" else self.captions(name)
+        return self.stage_folder(top), self.images  # a keep-flag stage (size-filter): one shard per images shard
 
     def report(self, file: str = "") -> str:
         return self.url("report", file) if file else self.url("report")

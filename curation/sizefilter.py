@@ -91,13 +91,14 @@ class SizeFilterWorker:
         removed = sorted(r["key"] for r in rows if not r["keep"])
         images_lineage = images.read_done(shard).upstream
         folder = self.layout.stage_folder(NAME)
-        folder.write_index(shard, pa.Table.from_pylist(rows, schema=INDEX))  # index first, done marker last
+        index = folder.write_index(shard, pa.Table.from_pylist(rows, schema=INDEX))  # index first, done marker last
         done = DoneMarker(
             shard,
             stage=NAME,
             rows=len(rows),
             **lineage(config_hash(self.config.semantics()), images_lineage),
             counts={"by_size_filter": {"kept": len(rows) - len(removed), "removed": len(removed)}},
+            files={f"{shard}.parquet": index},
             extra={"images_lineage": images_lineage, "removed_digest": removed_digest(removed)},
         )
         return folder.write_done(done)

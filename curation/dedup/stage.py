@@ -39,7 +39,7 @@ from curation.imaging import ImageDecodeError
 from curation.layout import Layout
 from curation.records import FAILED, OK
 from curation.runner.planning import pending_shards
-from curation.shards import DoneMarker, StageDir, config_hash, lineage, write_json_atomic
+from curation.shards import DoneMarker, StageDir, config_hash, damaged_files, lineage, write_json_atomic
 from curation.stage import (
     Needs,
     Pass,
@@ -116,7 +116,7 @@ class DedupConfig:
 def _publish(folder: StageDir, table: pa.Table, done: DoneMarker, started: float) -> DoneMarker:
     """Index first, done marker last: a shard without its marker does not exist."""
     done.rows, done.seconds = table.num_rows, round(time.time() - started, 3)
-    folder.write_index(done.shard, table)
+    done.files = {f"{done.shard}.parquet": folder.write_index(done.shard, table)}
     return folder.write_done(done)
 
 
@@ -414,9 +414,14 @@ class DedupStage(Stage):
 
 
 def _up_to_date(layout: Layout, shards: list[str], chash: str) -> bool:
-    """Every images shard has a dedup shard of this config made from it as it is now (and nothing else)."""
+    """Every images shard has a dedup shard of this config made from it as it is now (and nothing else), and no
+    file of the three passes is missing or changed (the passes' runner then redoes exactly those shards)."""
     if set(layout.dedup.done_shards()) != set(shards):
         return False
+    for folder in (layout.dedup, layout.dedup_hashes, layout.dedup_edges):
+        sizes = folder.file_sizes()
+        if any(damaged_files(m.files, sizes) for m in folder.read_dones(folder.done_shards()).values()):
+            return False
     images = layout.images.read_dones(shards)
     return all(
         m.config_hash == chash and m.extra.get("images_lineage") == images[s].upstream

@@ -10,8 +10,9 @@ lists the kinds in `curation.features.stage.KINDS` and names none of them: a new
 fields and one line there.
 
 `FeatureDirs` presents all sidecars of a run to the runner as one `ShardFolder`: a shard counts as done once any
-sidecar is, and its marker is `complete` when every sidecar is current (this config, made from its inputs
-as they are now), so the runner redoes incomplete shards and the worker writes only the missing or outdated sidecars.
+sidecar is, and its marker is `complete` when every sidecar is current (this config, made from its inputs as they
+are now, its files as its marker recorded them), so the runner redoes incomplete shards and the worker writes only
+the missing, outdated or damaged sidecars. The composite marker's `files` are the sidecars' (`t5/00042.tar`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from curation.layout import Layout
 from curation.records import OK, SKIPPED, Sample
-from curation.shards import DoneMarker, ShardWriter, StageDir, config_hash, lineage
+from curation.shards import DoneMarker, ShardWriter, StageDir, config_hash, damaged_files, lineage
 from curation.stage import InputView
 
 if TYPE_CHECKING:
@@ -146,15 +147,20 @@ class FeatureDirs:
         if not shards:
             return {}
         markers: dict[str, dict[str, DoneMarker]] = {s: {} for s in shards}
+        sizes = {name: d.file_sizes() for name, d in self.dirs.items()}  # one listing per sidecar
         for name, d in self.dirs.items():
             done = set(d.done_shards())
             for shard, marker in d.read_dones([s for s in shards if s in done]).items():
                 markers[shard][name] = marker
-        return {s: self._composite(s, m) for s, m in markers.items() if m}
+        return {s: self._composite(s, m, sizes) for s, m in markers.items() if m}
+
+    def file_sizes(self) -> dict[str, int]:
+        return {f"{name}/{file}": size for name, d in self.dirs.items() for file, size in d.file_sizes().items()}
 
     def read_done(self, shard: str) -> DoneMarker:
         """One summary over the sidecars present: a failed sample counts once, with the first sidecar's reason."""
-        return self._composite(shard, {name: m for name in self.dirs if (m := self._marker(name, shard)) is not None})
+        present = {name: m for name in self.dirs if (m := self._marker(name, shard)) is not None}
+        return self._composite(shard, present, {name: self._sizes(name, m) for name, m in present.items()})
 
     def remove_shard(self, shard: str) -> None:
         for d in self.dirs.values():
@@ -187,14 +193,20 @@ class FeatureDirs:
                 upstream = config_hash({"input": upstream, "set": folder.read_done(shard).upstream})
         return upstream
 
-    def current(self, name: str, shard: str, *, marker: Any = False, upstream: str | None = None) -> bool:
+    def current(
+        self, name: str, shard: str, *, marker: Any = False, upstream: str | None = None, sizes: Any = None
+    ) -> bool:
         """Whether sidecar `name` of `shard` is done with this config, from its inputs as they are now (a sidecar
-        an earlier release made from `captions/` as it is now counts too: nothing is recomputed for the change).
+        an earlier release made from `captions/` as it is now counts too: nothing is recomputed for the change),
+        and its files are the size its marker recorded.
 
-        `marker` and `upstream` (the images shard's lineage) may be passed when already read.
+        `marker`, `upstream` (the images shard's lineage) and `sizes` (the sidecar's file sizes) may be passed when
+        already read.
         """
         marker = self._marker(name, shard) if marker is False else marker
         if marker is None or marker.config_hash != self.hashes[name]:
+            return False
+        if damaged_files(marker.files, self._sizes(name, marker) if sizes is None else sizes):
             return False
         if upstream is None:
             upstream = self.upstream_lineage(shard)
@@ -206,14 +218,21 @@ class FeatureDirs:
         d = self.dirs[name]
         return d.read_done(shard) if d.has_done(shard) else None
 
-    def _composite(self, shard: str, present: dict[str, DoneMarker]) -> DoneMarker:
+    def _sizes(self, name: str, marker: DoneMarker) -> dict[str, int]:
+        """The sizes of the files a sidecar's marker recorded: one stat each."""
+        return self.dirs[name].file_sizes(list(marker.files or {}))
+
+    def _composite(self, shard: str, present: dict[str, DoneMarker], sizes: dict[str, dict[str, int]]) -> DoneMarker:
+        """`sizes`: {sidecar: {file: size}}. A sidecar whose files are missing or changed is not read (its index
+        may be the damaged file); the shard is then incomplete, and redone."""
         upstream = self.upstream_lineage(shard)
+        damaged = {name for name, m in present.items() if damaged_files(m.files, sizes[name])}
         stale = sorted(name for name, m in present.items() if m.config_hash != self.hashes[name])
         chash = self.chash if not stale else "changed: " + ", ".join(stale)
         first_failure: dict[str, tuple[str, str]] = {}  # key -> (status, reason)
         keys: list[str] = []
         for name in self.dirs:  # in sidecar order: a failure counts with the first sidecar's reason
-            if name not in present:
+            if name not in present or name in damaged:
                 continue
             index = self.dirs[name].read_index(shard).select(["key", "status", "error_reason"]).to_pylist()
             if not keys:
@@ -228,7 +247,10 @@ class FeatureDirs:
             by_status[status] = by_status.get(status, 0) + 1
             tally = by_skipped if status == SKIPPED else by_reason
             tally[reason] = tally.get(reason, 0) + 1
-        complete = all(self.current(name, shard, marker=present.get(name), upstream=upstream) for name in self.dirs)
+        complete = all(
+            self.current(name, shard, marker=present.get(name), upstream=upstream, sizes=sizes.get(name, {}))
+            for name in self.dirs
+        )
         inputs = {m.input_lineage for m in present.values()}
         if complete:  # every sidecar is made from the images shard as it is (a kind's inputs join it)
             inputs = {upstream}
@@ -239,6 +261,7 @@ class FeatureDirs:
             config_hash=chash,
             input_lineage=inputs.pop() if len(inputs) == 1 else None,  # sidecars from different inputs: outdated
             complete=complete,
+            files={f"{name}/{file}": rec for name, m in present.items() for file, rec in (m.files or {}).items()},
             counts={"by_status": {k: v for k, v in by_status.items() if v}, "by_reason": by_reason,
                     "by_skipped": by_skipped},
         )  # fmt: skip

@@ -20,7 +20,7 @@ from curation.errors import SetupError, ShardError
 from curation.layout import Layout
 from curation.runner.lock import output_lock, record_run_config
 from curation.runner.logs import logged_stages, new_run_id, read_logs, write_failed_attempt_log, write_shard_log
-from curation.runner.planning import done_markers, drop_orphans, drop_stale_shards, pending_shards
+from curation.runner.planning import damaged_shards, done_markers, drop_orphans, drop_stale_shards, pending_shards
 from curation.runner.pool import Cluster, ray_session, run_actors, run_stateless, run_tasks
 from curation.runner.summary import RunSummary, StageRun
 from curation.shards import config_hash
@@ -101,11 +101,15 @@ def run_pass(
             drop_orphans(p.folder, shards)
         markers = done_markers(p.folder)  # read once: planning, --force's clean-up, the summary of skipped shards
         todo = set(pending_shards(p.folder, shards, chash, force, upstream, markers, p.compatible))
+        damaged = damaged_shards(p.folder, markers, shards)  # redone, as if never done
+        todo |= set(damaged)
         if force:
             drop_stale_shards(p.folder, markers, shards, chash, p.compatible)
         record_run_config(layout, p.label, {**p.semantics, "config_hash": chash})
         pending = [t for t in p.tasks if t[0] in todo]
         summary = RunSummary(p.label, shards_total=len(shards), shards_skipped=len(shards) - len(pending))
+        where = p.folder.url.rstrip("/").removeprefix(layout.root + "/")  # images, features, captions-dense ...
+        summary.damaged = {s: [f"{where}/{problem}" for problem in found] for s, found in sorted(damaged.items())}
         started = time.time()
         run_id = new_run_id()  # this pass run's attempts get their own log objects beside the earlier runs'
 

@@ -1,10 +1,11 @@
 """Which shards of a pass to (re)do: no done marker, another config (refused unless --force), or an input that was
-redone since (lineage); and, with --force, which shards of an older plan to remove."""
+redone since (lineage), or files missing or changed since its marker recorded them; and, with --force, which shards
+of an older plan to remove."""
 
 from __future__ import annotations
 
 from curation.errors import SetupError
-from curation.shards import DoneMarker
+from curation.shards import DoneMarker, damaged_files
 from curation.stage import ShardFolder
 
 
@@ -73,3 +74,11 @@ def drop_orphans(folder: ShardFolder, shards: list[str]) -> None:
     """Shards whose input no longer exists (its keys now live in other shards): removed."""
     for orphan in sorted(set(folder.done_shards()) - set(shards)):
         folder.remove_shard(orphan)
+
+
+def damaged_shards(folder: ShardFolder, markers: dict[str, DoneMarker], shards: list[str]) -> dict[str, list[str]]:
+    """{planned done shard: what is wrong with its files} for shards whose files are missing or changed size since
+    their marker recorded them: one listing of the folder, no file read. Markers without `files` are trusted."""
+    sizes = folder.file_sizes()
+    found = {s: damaged_files(markers[s].files, sizes) for s in shards if s in markers}
+    return {s: problems for s, problems in found.items() if problems}

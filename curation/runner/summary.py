@@ -17,6 +17,7 @@ class RunSummary:
     samples: int = 0  # all shards of the pass, skipped ones included
     seconds: float = 0.0
     retried: int = 0  # shard attempts lost with their worker (killed, out of memory, node lost) and run again
+    damaged: dict[str, list[str]] = field(default_factory=dict)  # shards redone for missing or changed files
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # every `by_*` tally of the done markers
 
     @property
@@ -47,6 +48,12 @@ class RunSummary:
             f"(of {self.shards_total}); {self.samples_run} samples in {self.seconds:.1f}s ({rate:.1f}/s); "
             f"{self.samples} samples in all",
         ]
+        if self.damaged:
+            problems = [p for found in self.damaged.values() for p in found]
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            out.append(
+                f"[{self.stage}] redone: {len(self.damaged)} shard(s) whose files were missing or changed: {shown}"
+            )
         if self.retried:
             out.append(f"[{self.stage}] {self.retried} shard attempt(s) lost with their worker and run again")
         for name, tally in sorted((n, t) for n, t in self.counts.items() if t):

@@ -27,7 +27,7 @@ import pyarrow as pa
 from curation.errors import ConfigError, SetupError
 from curation.layout import DEFAULT_SET, Layout
 from curation.records import OK
-from curation.shards import DoneMarker, StageDir, config_hash, lineage, read_parquet, write_json_atomic
+from curation.shards import DoneMarker, StageDir, config_hash, lineage, read_parquet
 from curation.stage import (
     InputView,
     Needs,
@@ -239,14 +239,18 @@ class StatsWorker:
                 invalid_utf8 += invalid
                 counted[key] = self._count(stats, text)
             partial["caption"] = stats.to_json()
-        write_json_atomic(self.stage_dir.url_of(f"{shard}.json"), partial)
-        self.stage_dir.write_index(shard, nouns_table(counted))
+        name = f"{shard}.json"
+        files = {
+            name: self.stage_dir.write_file(name, json.dumps(partial, indent=1, sort_keys=True, default=str).encode())
+        }
+        files[f"{shard}.parquet"] = self.stage_dir.write_index(shard, nouns_table(counted))
         done = DoneMarker(
             shard,
             stage=STAGE,
             rows=len(rows),
             **lineage(config_hash(self.semantics), self.input.read_done(shard).upstream),
             counts={"by_caption_bytes": {"invalid_utf8": invalid_utf8} if invalid_utf8 else {}, "by_skipped": skipped},
+            files=files,
             extra={"started": started},
         )
         done.seconds = round(time.time() - started, 3)
@@ -272,12 +276,20 @@ def filter_reasons() -> frozenset[str]:
     return frozenset(s.sample_filter.reason for s in stage_classes() if s.sample_filter is not None)
 
 
+def read_partial(stage: StageDir, shard: str) -> dict[str, Any]:
+    """One shard's partial; a damaged one is a `ShardReadError` naming it and the command that rewrites it."""
+    try:
+        with stage.fs.open(stage.path(f"{shard}.json"), "rb") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise stage.damage(shard, f"{shard}.json: {type(exc).__name__}: {exc}") from exc
+
+
 def merge_partials(stage: StageDir, field: str) -> NounStats:
     """Sum one field of every done shard's partial in a stats folder."""
     total = NounStats()
     for shard in stage.done_shards():
-        with stage.fs.open(stage.path(f"{shard}.json"), "rb") as fh:
-            partial = json.load(fh)
+        partial = read_partial(stage, shard)
         if field in partial:
             total += NounStats.from_json(partial[field])
     return total
@@ -291,8 +303,7 @@ def merge_originals(output: str) -> tuple[NounStats, dict[str, int]]:
     totals = NounStats()
     buckets: dict[str, int] = {}
     for shard in stage.done_shards():
-        with stage.fs.open(stage.path(f"{shard}.json"), "rb") as fh:
-            partial = json.load(fh)
+        partial = read_partial(stage, shard)
         if "original" in partial:
             totals += NounStats.from_json(partial["original"])
         for key, n in partial.get("buckets_1024", {}).items():

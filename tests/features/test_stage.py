@@ -1,4 +1,5 @@
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -185,13 +186,15 @@ def test_sidecar_done_markers_keep_their_keys_and_values(made):
         marker = json.loads((out / "features" / name / "00000.done.json").read_text())
         assert set(marker) == {
             "stage", "config_hash", "input_lineage", "lineage", "semantics", "by_status", "by_reason", "shard", "rows",
-            "members", "seconds",
+            "members", "seconds", "files",
         } | extra  # fmt: skip
         assert marker["stage"] == f"features/{name}" and marker["shard"] == "00000" and marker["rows"] == 4
         # Made from the images shard; the default set's T5 from its captions shard too.
         images = StageDir(f"{out}/images").read_done("00000").upstream
         expected = config_hash({"input": images, "set": "captions-00000"}) if name == "t5" else images
         assert marker["input_lineage"] == expected
+        tar = out / "features" / name / "00000.tar"
+        assert marker["files"]["00000.tar"] == {"size": tar.stat().st_size, "crc32": zlib.crc32(tar.read_bytes())}
     t5 = json.loads((out / "features" / "t5" / "00000.done.json").read_text())
     assert t5["semantics"] == {"t5": t5["semantics"]["t5"], "max_length": 16, "dtype": "float16", "field": "caption",
                                "clean_caption": True}  # fmt: skip
