@@ -133,11 +133,13 @@ class StageDir:
         return sizes
 
     def damage(self, shard: str, error: BaseException | str) -> ShardReadError:
-        """The one-line error for a file of `shard` that cannot be read as written."""
-        fix = f"run `curation {self.command}` again" if self.command else "run the stage that writes it again"
+        """The one-line error for a file of `shard` that cannot be read as written. Removing the marker is the fix
+        that always works: a rerun redoes a shard whose file is missing or cut short, but not one changed in place."""
+        command = f"`curation {self.command}`" if self.command else "the stage that writes it"
         return ShardReadError(
-            f"{self.url}: shard {shard} is damaged ({_one_line(error)}): {fix}, which redoes shards whose files are "
-            f"missing or changed; `curation verify --output OUT` lists every damaged shard"
+            f"{self.url}: shard {shard} is damaged ({_one_line(error)}); to rewrite it, delete "
+            f"{self.path(shard + '.done.json')} and run {command} again (`curation verify --output OUT` lists every "
+            "damaged shard)"
         )
 
     def read_index(self, shard: str) -> pa.Table:
