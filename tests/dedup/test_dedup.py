@@ -105,13 +105,14 @@ def test_copies_grouped_with_their_original_and_distinct_photos_apart(photos, tm
     marker = json.loads(Path(out, "dedup", f"{shard}.done.json").read_text())
     assert set(marker) - {"seconds"} == {
         "stage", "shard", "rows", "config_hash", "input_lineage", "images_lineage", "removed_digest", "by_status",
-        "by_dedup", "lineage",
+        "by_dedup", "lineage", "files",
     }  # fmt: skip
+    assert marker["files"][f"{shard}.parquet"]["size"] == Path(out, "dedup", f"{shard}.parquet").stat().st_size
     images_marker = json.loads(Path(out, "images", f"{shard}.done.json").read_text())
     assert marker["stage"] == "dedup" and marker["images_lineage"] == images_marker["lineage"]
     hashes = json.loads(Path(out, "dedup", "hashes", f"{shard}.done.json").read_text())
     assert hashes["stage"] == "dedup/hashes" and hashes["input_lineage"] == images_marker["lineage"]
-    hash_fields = {"stage", "shard", "rows", "config_hash", "input_lineage", "lineage", "by_status"}
+    hash_fields = {"stage", "shard", "rows", "config_hash", "input_lineage", "lineage", "by_status", "files"}
     assert set(hashes) - {"seconds"} == hash_fields
     edges = StageDir(f"{out}/dedup/edges")
     assert edges.done_shards() and {edges.read_done(t).stage for t in edges.done_shards()} == {"dedup/edges"}

@@ -91,8 +91,9 @@ def test_the_field_chooses_rows_and_an_earlier_releases_partials_are_kept(tmp_pa
     stats = Layout(str(out)).stats()
     raw = json.loads((out / "stats" / "00000.done.json").read_text())
     assert set(raw) == {"stage", "shard", "rows", "config_hash", "input_lineage", "lineage", "by_caption_bytes",
-                        "by_skipped", "started", "seconds"}  # fmt: skip
+                        "by_skipped", "started", "seconds", "files"}  # fmt: skip
     assert raw["stage"] == "stats" and raw["rows"] == 20 and raw["by_skipped"] == raw["by_caption_bytes"] == {}
+    assert raw["files"]["00000.json"]["size"] == (out / "stats" / "00000.json").stat().st_size
     # The originals come from the ingest records, in their own partials.
     assert Layout(str(out)).stats_original.done_shards() == ["00000", "00001"]
     # The field chooses the rows: every set's partials hold its captions only, so nothing is counted again.
