@@ -55,6 +55,11 @@ def _contents(out: Path) -> dict[str, object]:
     return found
 
 
+def _shards(out: Path) -> list[str]:
+    """The images shards' names (ingest names them by source shard and first key)."""
+    return sorted(p.name.removesuffix(".done.json") for p in (out / "images").glob("*.done.json"))
+
+
 def _truncate(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
@@ -72,23 +77,25 @@ def test_damaged_shards_are_found_by_verify_and_redone_by_a_rerun(tmp_path, coco
     code, lines = _verify(out, capsys)
     assert code == 0 and len(lines) == 1 and "no problems" in lines[0], lines
 
-    (out / "images" / "root-000.tar").unlink()
-    _truncate(out / "images" / "root-001.parquet")
-    _truncate(out / "captions" / "root-002.tar")
-    (out / "features" / "t5" / "root-001.tar").unlink()
-    _truncate(out / "stats" / "root-000.json")
-    _truncate(out / "dedup" / "hashes" / "root-002.parquet")
+    a, b, c, *_ = shards = _shards(out)
+    n = len(shards)
+    (out / "images" / f"{a}.tar").unlink()
+    _truncate(out / "images" / f"{b}.parquet")
+    _truncate(out / "captions" / f"{c}.tar")
+    (out / "features" / "t5" / f"{b}.tar").unlink()
+    _truncate(out / "stats" / f"{a}.json")
+    _truncate(out / "dedup" / "hashes" / f"{c}.parquet")
     code, lines = _verify(out, capsys)
     assert code == 2, lines
     problems = lines[:-1]
     assert "6 problem(s)" in lines[-1], lines
     expected = {
-        "images/root-000: root-000.tar missing": "`curation ingest` again",
-        "images/root-001: root-001.parquet is": "`curation ingest` again",
-        "captions/root-002: root-002.tar is": "`curation caption` again",
-        "features/t5/root-001: root-001.tar missing": "`curation features` again",
-        "stats/root-000: root-000.json is": "`curation stats` again",
-        "dedup/hashes/root-002: root-002.parquet is": "`curation dedup` again",
+        f"images/{a}: {a}.tar missing": "`curation ingest` again",
+        f"images/{b}: {b}.parquet is": "`curation ingest` again",
+        f"captions/{c}: {c}.tar is": "`curation caption` again",
+        f"features/t5/{b}: {b}.tar missing": "`curation features` again",
+        f"stats/{a}: {a}.json is": "`curation stats` again",
+        f"dedup/hashes/{c}: {c}.parquet is": "`curation dedup` again",
     }
     for start, fix in expected.items():
         assert sum(p.startswith(start) and fix in p for p in problems) == 1, (start, problems)
@@ -97,21 +104,19 @@ def test_damaged_shards_are_found_by_verify_and_redone_by_a_rerun(tmp_path, coco
     assert main(_run(src, out, tiny_models)) == 0
     printed = capsys.readouterr().out
     for label, what in [
-        ("images", "images/root-000.tar missing"),
-        ("images", "images/root-001.parquet is"),
-        ("captions", "captions/root-002.tar is"),
-        ("features", "features/t5/root-001.tar missing"),
-        ("stats", "stats/root-000.json is"),
-        ("dedup/hashes", "dedup/hashes/root-002.parquet is"),
+        ("images", f"images/{a}.tar missing"),
+        ("images", f"images/{b}.parquet is"),
+        ("captions", f"captions/{c}.tar is"),
+        ("features", f"features/t5/{b}.tar missing"),
+        ("stats", f"stats/{a}.json is"),
+        ("dedup/hashes", f"dedup/hashes/{c}.parquet is"),
     ]:
         lines = [x for x in printed.splitlines() if x.startswith(f"[{label}] redone:")]
         assert len(lines) == 1 and what in lines[0], (label, printed)
     # Exactly the damaged shards ran; the shards made from them were not (they were made from the same bytes).
-    assert "[images] shards: 2 run, 1 already done" in printed, printed
-    assert "[captions] shards: 1 run, 2 already done" in printed, printed
-    assert "[features] shards: 1 run, 2 already done" in printed, printed
-    assert "[stats] shards: 1 run, 2 already done" in printed, printed
-    assert "[dedup/hashes] shards: 1 run, 2 already done" in printed, printed
+    assert f"[images] shards: 2 run, {n - 2} already done" in printed, printed
+    for label in ("captions", "features", "stats", "dedup/hashes"):
+        assert f"[{label}] shards: 1 run, {n - 1} already done" in printed, (label, printed)
     # The repaired output equals the clean run, byte for byte.
     assert _files(out) == records
     assert _contents(out) == clean
@@ -125,19 +130,21 @@ def test_changed_bytes_of_the_same_size_are_found_by_verify_and_its_fix_repairs_
     src = make_folder(tmp_path / "in", coco_files[:8], nested=False)
     out = tmp_path / "out"
     assert main(_ingest(src, out)) == 0
-    tar = out / "images" / "root-001.tar"
+    shard = _shards(out)[1]
+    n = len(_shards(out))
+    tar = out / "images" / f"{shard}.tar"
     data = bytearray(tar.read_bytes())
     data[2000] ^= 0xFF  # inside the first image: same size, other bytes
     tar.write_bytes(bytes(data))
     assert main(_ingest(src, out)) == 0  # a rerun checks sizes only: the shard stays
-    assert "0 run, 2 already done" in capsys.readouterr().out
+    assert f"0 run, {n} already done" in capsys.readouterr().out
     code, lines = _verify(out, capsys)
     assert code == 2 and len(lines) == 2, lines
-    assert lines[0].startswith("images/root-001: root-001.tar: checksum") and "the bytes changed" in lines[0]
-    assert "delete images/root-001.done.json, then run `curation ingest` again" in lines[0]
-    (out / "images" / "root-001.done.json").unlink()
+    assert lines[0].startswith(f"images/{shard}: {shard}.tar: checksum") and "the bytes changed" in lines[0]
+    assert f"delete images/{shard}.done.json, then run `curation ingest` again" in lines[0]
+    (out / "images" / f"{shard}.done.json").unlink()
     assert main(_ingest(src, out)) == 0
-    assert "1 run, 1 already done" in capsys.readouterr().out
+    assert f"1 run, {n - 1} already done" in capsys.readouterr().out
     assert _verify(out, capsys)[0] == 0
 
 
@@ -153,13 +160,14 @@ def test_a_marker_without_file_records_is_trusted_on_rerun_and_checked_by_verify
         marker.write_text(json.dumps(data))
     capsys.readouterr()
     assert _verify(out, capsys)[0] == 0  # sound files under old markers: nothing to report
-    (out / "images" / "root-000.tar").unlink()
+    shard, n = _shards(out)[0], len(_shards(out))
+    (out / "images" / f"{shard}.tar").unlink()
     assert main(_ingest(src, out)) == 0  # upgrading never redoes an existing output
     printed = capsys.readouterr().out
-    assert "0 run, 2 already done" in printed and "redone" not in printed, printed
+    assert f"0 run, {n} already done" in printed and "redone" not in printed, printed
     code, lines = _verify(out, capsys, "--stage", "images")
-    assert code == 2 and lines[0].startswith("images/root-000: root-000.tar missing"), lines
-    assert "delete images/root-000.done.json" in lines[0], lines
+    assert code == 2 and lines[0].startswith(f"images/{shard}: {shard}.tar missing"), lines
+    assert f"delete images/{shard}.done.json" in lines[0], lines
 
 
 def test_verify_finds_keys_that_disagree_between_stages_and_missing_shards(tmp_path, coco_files, ray_local, capsys):
@@ -172,21 +180,20 @@ def test_verify_finds_keys_that_disagree_between_stages_and_missing_shards(tmp_p
     # A size-filter shard that lost a row and one that was never made: the keys checked against images/.
     import pyarrow.parquet as pq
 
+    a, b, *_ = _shards(out)
     folder = StageDir(f"{out}/size-filter")
-    table = folder.read_index("root-000")
-    marker = folder.read_done("root-000")
-    marker.files = {"root-000.parquet": folder.write_index("root-000", table.slice(1))}
+    table = folder.read_index(a)
+    marker = folder.read_done(a)
+    marker.files = {f"{a}.parquet": folder.write_index(a, table.slice(1))}
     folder.write_done(marker)
     lost = table.column("key")[0].as_py()
-    folder.remove_shard("root-001")
+    folder.remove_shard(b)
     code, lines = _verify(out, capsys)
     assert code == 2, lines
-    assert any(
-        line.startswith(f"size-filter/root-000: 1 key(s) of images/root-000 have no row ({lost})") for line in lines
-    )
-    assert any(line.startswith("size-filter: shard root-001 of images was not made; fix: run `curation size-filter`")
+    assert any(line.startswith(f"size-filter/{a}: 1 key(s) of images/{a} have no row ({lost})") for line in lines)
+    assert any(line.startswith(f"size-filter: shard {b} of images was not made; fix: run `curation size-filter`")
                for line in lines), lines  # fmt: skip
-    assert pq.read_table(out / "images" / "root-000.parquet").num_rows == 4
+    assert pq.read_table(out / "images" / f"{a}.parquet").num_rows == table.num_rows
 
 
 def test_verify_refuses_in_one_line_what_it_cannot_check(tmp_path, capsys):
@@ -199,7 +206,8 @@ def test_caption_on_a_truncated_images_parquet_is_one_line(tmp_path, coco_files,
     src = make_folder(tmp_path / "in", coco_files[:8], nested=False)
     out = tmp_path / "out"
     assert main(_ingest(src, out)) == 0
-    _truncate(out / "images" / "root-001.parquet")
+    shard = _shards(out)[1]
+    _truncate(out / "images" / f"{shard}.parquet")
     proc = cli("caption", "--output", str(out), "--model", str(tiny_models["llava"]), "--max-new-tokens", "4",
                "--workers", "1", "--no-progress")  # fmt: skip
     # The actors' own output (transformers' weight loading bar) reaches stderr too: the error is its one line.
@@ -207,4 +215,4 @@ def test_caption_on_a_truncated_images_parquet_is_one_line(tmp_path, coco_files,
     errors = [x for x in proc.stderr.splitlines() if x.startswith("curation caption: error: ")]
     assert len(errors) == 1 and proc.stderr.strip().endswith(errors[0]), proc.stderr[-3000:]
     line = errors[0]
-    assert "root-001" in line and "`curation ingest` again" in line and "curation verify" in line, line
+    assert shard in line and "`curation ingest` again" in line and "curation verify" in line, line
