@@ -73,5 +73,5 @@ def test_small_and_elongated_images_are_marked_and_later_stages_skip_them(ingest
 
 
 def test_the_filter_refuses_an_output_without_images(tmp_path):
-    with pytest.raises(SetupError, match="run `curation ingest` first"):
+    with pytest.raises(SetupError, match="no images in .*: run curation ingest first"):
         _filter(str(tmp_path / "empty"))
