@@ -211,7 +211,7 @@ def test_dedup_stage_declares_its_filter_config_and_outputs(tmp_path):
     assert threshold.metadata["help"] == "pHash Hamming distance counted as duplicate"
     stage = DedupStage(layout, DedupConfig())
     assert stage.outputs() == [f"dedup: {layout.dedup.url}/", f"report: {layout.report('duplicates.html')}"]
-    with pytest.raises(SetupError, match="run `curation ingest` first"):
+    with pytest.raises(SetupError, match="no images in .*: run curation ingest first"):
         stage.check()
     with pytest.raises(ConfigError, match="0..16"):
         DedupConfig(threshold=17)
