@@ -40,7 +40,7 @@ def test_caption_coco_shards(tmp_path, coco_files, tiny_models, ray_local):
         assert done.stage == "captions"
         raw = json.loads((out / "captions" / f"{shard}.done.json").read_text())
         assert set(raw) == {"shard", "stage", "rows", "config_hash", "input_lineage", "lineage", "seconds", "members",
-                            "by_status", "by_reason", "by_caption_status", "provenance"}  # fmt: skip
+                            "files", "by_status", "by_reason", "by_caption_status", "provenance"}  # fmt: skip
         assert len(seen) == done.extra["members"] == done.counts["by_status"]["ok"]
         for s in seen:
             record = json.loads(s["json"])
