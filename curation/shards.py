@@ -148,6 +148,14 @@ class StageDir:
         except (OSError, pa.ArrowException) as exc:
             raise self.damage(shard, f"{shard}.parquet: {type(exc).__name__}: {exc}") from exc
 
+    def _recorded(self, shard: str, name: str) -> dict[str, int] | None:
+        """What the shard's done marker recorded of one of its files; None without a record (an older marker), or
+        without a marker (tars read as plain webdataset shards, e.g. an export's)."""
+        try:
+            return (self.read_done(shard).files or {}).get(name)
+        except FileNotFoundError:
+            return None
+
     def iter_samples(self, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         """(key, {extension: bytes}) for each sample of a shard's tar, in file order (members are grouped by key).
 
@@ -156,7 +164,7 @@ class StageDir:
         """
         name = f"{shard}.tar"
         try:
-            recorded = (self.read_done(shard).files or {}).get(name)
+            recorded = self._recorded(shard, name)
             if recorded is not None and (size := self.fs.size(self.path(name))) != recorded["size"]:
                 raise self.damage(shard, f"{name} is {size} bytes, its done marker recorded {recorded['size']}")
             with self.fs.open(self.path(name), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
