@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose(p, argparse.SUPPRESS)
     p.set_defaults(handler=_verify)
 
-    p = sub.add_parser("make-tiny-models", help="build tiny random LLaVA, T5 and VAE checkpoints (tests, demo)")
+    p = sub.add_parser("make-tiny-models", help="build tiny random models and quality heads (tests, demo)")
     p.add_argument("folder")
     _verbose(p, argparse.SUPPRESS)
     p.set_defaults(handler=_make_tiny_models)

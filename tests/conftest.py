@@ -80,7 +80,8 @@ def edge_case_files() -> list[Path]:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """Tiny random LLaVA, T5 and VAE of the real classes, saved and loaded like Hub checkpoints."""
+    """Tiny random LLaVA, T5, VAE, DC-AE and CLIP of the real classes, saved and loaded like Hub checkpoints, and
+    tiny LAION aesthetic and NSFW heads (safetensors files)."""
     from curation.tiny import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
