@@ -99,11 +99,13 @@ def sample_gallery(layout: Layout, limit: int = GALLERY_LIMIT) -> list[dict[str,
             if q and len(chosen) < limit:
                 chosen.append(q.pop(0)[2])
     chosen.sort(key=lambda r: (r["status"] != OK, r["bucket_1024"] or "", r["key"]))
-    return _fill(layout, sets, chosen)
+    return gallery_items(layout, sets, chosen)
 
 
-def _fill(layout: Layout, sets: list[str], rows: list[dict]) -> list[dict[str, Any]]:
-    """Gallery items for the chosen rows: captions of every set and a thumbnail, reading only their shards."""
+def gallery_items(layout: Layout, sets: list[str], rows: list[dict]) -> list[dict[str, Any]]:
+    """Gallery items for the chosen rows ({"key", "shard", "status", "error_reason"}, and "bucket_1024" and
+    "original_caption" unless the images index is to give them): captions of every set and a thumbnail, reading
+    only their shards."""
     from PIL import Image
 
     from curation.imaging import ImageDecodeError, decode_image
@@ -149,9 +151,9 @@ def _fill(layout: Layout, sets: list[str], rows: list[dict]) -> list[dict[str, A
                 "key": r["key"],
                 "status": r["status"],
                 "reason": r["error_reason"],
-                "bucket": r["bucket_1024"],
+                "bucket": r.get("bucket_1024", image.get("bucket_1024")),
                 "thumbnail": thumbnail,
-                "original": r["original_caption"],
+                "original": r.get("original_caption", image.get("original_caption")),
                 "captions": captions.get(r["key"], {}),
             }
         )

@@ -25,7 +25,7 @@ import fsspec.implementations.local
 import pyarrow as pa
 
 from curation.errors import ConfigError, SetupError
-from curation.layout import DEFAULT_SET, Layout
+from curation.layout import DEFAULT_SET, ORIGINAL, Layout
 from curation.records import OK
 from curation.shards import DoneMarker, StageDir, config_hash, lineage, read_parquet
 from curation.stage import (
@@ -41,6 +41,7 @@ from curation.stage import (
 )
 from curation.stats.nouns import VALID_THRESHOLD, NounExtractor, NounStats, count_captions, decode_caption
 from curation.stats.overview import sample_gallery, stage_counts
+from curation.stats.quality import QualitySection, quality_section
 from curation.stats.report import write_report
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ class StatsStage(Stage):
     def __init__(self, layout: Layout, config: StatsConfig) -> None:
         super().__init__(layout, config)
         self.sets: list[str] = []  # the named caption sets counted (planned by `passes`)
+        self.quality: QualitySection | None = None  # the report's quality section (after the passes)
         self.result: str | None = None  # the report's index.html, once `finish` wrote it
 
     def check(self) -> None:
@@ -151,6 +153,8 @@ class StatsStage(Stage):
                 resources=Resources(num_cpus=1),
                 upstream=InputView(layout, captions, self.config),
             )
+        # After the passes: the quality scores reduced per shard in Ray tasks, for the report.
+        self.quality = quality_section(ctx, layout, row_fields(layout.output, self.config, self.sets))
 
     def finish(self, summaries: list[RunSummary]) -> list[str]:
         """Merge the partials (or count the corpus) and write `OUT/report/`."""
@@ -177,6 +181,7 @@ class StatsStage(Stage):
                 stages=stage_counts(layout),
                 output=layout.output,
                 duplicates=dup_fs.exists(dup_path),
+                quality=self.quality,
             ),
         )
         return self._table()
@@ -311,20 +316,24 @@ def merge_originals(output: str) -> tuple[NounStats, dict[str, int]]:
     return totals, buckets
 
 
+def row_fields(output: str, config: StatsConfig, sets: list[str]) -> dict[str, str]:
+    """{Table 1 row name: the caption field it counts ("original", a set's name)}, in table order: the originals
+    first, as the paper's layout reads "LAION" then "LAION-LLaVA"."""
+    name = config.name or Layout(output).name
+    rows = {f"{name} (original captions)": ORIGINAL} if "original" in config.fields else {}
+    return rows | {f"{name} ({'generated' if s == DEFAULT_SET else s} captions)": s for s in sets}
+
+
 def table_rows(output: str, config: StatsConfig, sets: list[str]) -> dict[str, NounStats]:
     """{row name: NounStats} of an output's merged partials: the originals, then each caption set counted.
 
     A field whose captions are empty everywhere (a source without alt-text) has no row, rather than a row of 0/0.
     """
     layout = Layout(output)
-    name = config.name or layout.name
-    rows: dict[str, NounStats] = {}
-    # Originals first: the paper's layout reads "LAION" then "LAION-LLaVA".
-    if "original" in config.fields:
-        rows[f"{name} (original captions)"] = merge_originals(output)[0]
-    for s in sets:
-        label = "generated" if s == DEFAULT_SET else s
-        rows[f"{name} ({label} captions)"] = merge_partials(layout.stats(s), "caption")
+    rows = {
+        row: merge_originals(output)[0] if field == ORIGINAL else merge_partials(layout.stats(field), "caption")
+        for row, field in row_fields(output, config, sets).items()
+    }
     return {row: stats for row, stats in rows.items() if stats.images > stats.empty}
 
 
