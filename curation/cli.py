@@ -62,8 +62,18 @@ class Option:
         return [f"--{name}", f"--no-{name}"] if self.negatable else [f"--{name}"]
 
 
+class _Union(argparse.Action):
+    """A tuple field that several flags add to (`--include a,b`, and `--include-duplicates` meaning
+    `--include duplicate`): each value once, in the order given, whatever the order of the flags."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        given = getattr(namespace, self.dest, ())
+        setattr(namespace, self.dest, tuple(dict.fromkeys((*given, *(self.const if self.nargs == 0 else values)))))
+
+
 def config_options(config_type: type) -> list[Option]:
-    """The flags of a config dataclass, nested config dataclasses included, in field order."""
+    """The flags of a config dataclass, nested config dataclasses included, in field order (a field's shorthands,
+    flags meaning some of its values, right after it)."""
     options = _options(config_type, (), None)
     seen: dict[str, str] = {}
     for o in options:
@@ -88,7 +98,11 @@ def _options(config_type: type, path: tuple[str, ...], defaults: Any) -> list[Op
         if dataclasses.is_dataclass(tp):
             out += _options(tp, (*path, f.name), None if default is MISSING else default)
         else:
-            out.append(_option(config_type, f, tp, ".".join((*path, f.name)), default))
+            out.append(option := _option(config_type, f, tp, ".".join((*path, f.name)), default))
+            for name, values in f.metadata.get("shorthands", {}).items():
+                text = f"same as --{option.names[0]} {','.join(values)}"
+                kwargs = {"action": _Union, "nargs": 0, "const": tuple(values), "help": text}
+                out.append(Option(option.path, (name,), kwargs, False, convert=tuple))
     return out
 
 
@@ -147,6 +161,8 @@ def _option(config_type: type, f: dataclasses.Field, tp: Any, path: str, default
         kwargs.pop("choices", None)
     elif "nargs" in kwargs or kwargs.get("metavar") == f.name.upper():
         kwargs.pop("metavar", None)  # argparse shows {a,b,c}
+    if meta.get("shorthands"):
+        kwargs["action"] = _Union  # the shorthands add to the same field: neither flag replaces the other
     text = str(meta.get("help", ""))
     if kwargs.get("type") is not None and kwargs["type"].__name__.startswith("comma-separated") and "comma" not in text:
         text = f"{text} (comma-separated)".strip()
@@ -281,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_option_strings(in_run: list[type]) -> dict[tuple[str, str], list[str]]:
-    """{(stage, field path): its `run` option strings}: `--<stage>-<flag>` always; the bare `--<flag>` (and its
+    """{(stage, flag name): its `run` option strings}: `--<stage>-<flag>` always; the bare `--<flag>` (and its
     aliases) too where no other in-run stage has that name and it clashes with nothing; and `LEGACY_RUN_FLAGS`."""
     options = {cls.name: config_options(cls.config_type) for cls in in_run}
     taken = {*COMMON, *(f"--no-{cls.name}" for cls in in_run[1:])}
@@ -293,7 +309,7 @@ def run_option_strings(in_run: list[type]) -> dict[tuple[str, str], list[str]]:
     for stage, opts in options.items():
         for o in opts:
             unique = [n for n in o.names if all(bare[s] == 1 and s not in taken for s in o.strings(n))]
-            plan[(stage, o.path)] = [f"--{stage}-{o.names[0]}", *(f"--{n}" for n in unique)]
+            plan[(stage, o.names[0])] = [f"--{stage}-{o.names[0]}", *(f"--{n}" for n in unique)]
     generated = {s for strings in plan.values() for s in strings}
     for old, new in LEGACY_RUN_FLAGS.items():
         for strings in plan.values():
@@ -319,7 +335,7 @@ def _run_parser(sub: argparse._SubParsersAction, in_run: list[type]) -> None:
         for o in config_options(cls.config_type):
             # Required fields are checked after parsing: a skipped stage needs none of its own.
             group.add_argument(
-                *plan[(cls.name, o.path)], dest=_dest(cls.name, o.path), default=argparse.SUPPRESS, **o.kwargs
+                *plan[(cls.name, o.names[0])], dest=_dest(cls.name, o.path), default=argparse.SUPPRESS, **o.kwargs
             )
     p.set_defaults(handler=_run)
 

@@ -7,9 +7,10 @@ whose long side is more than `max_aspect` times its short side lies beyond PixAr
 bucket's centre crop throws most of it away. Sizes come from ingest's header read: nothing is decoded.
 
 This stage is also the worked example of the stage contract (`curation.stage`): it is this module plus one line in
-`curation.registry`. Its `SampleFilter` is found through the registry, so caption, stats and features skip the
-removed samples (skipped rows, reason `too_small`) with no edit to them, and redo exactly the shards whose removals
-change when the thresholds do.
+`curation.registry`. Its `SampleFilter` is found through the registry and applies to every stage after this one
+(dedup on), so caption, stats, features and the exports skip the removed samples (skipped rows, reason `too_small`,
+unless `--include too_small`) with no edit to them, and redo exactly the shards whose removals change when the
+thresholds do.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from curation.stage import (
     RowsDone,
     RunContext,
     Stage,
+    keep_flags_extra,
     needs_images,
     no_progress,
-    removed_digest,
 )
 
 NAME = "size-filter"
@@ -44,7 +45,8 @@ INDEX = pa.schema(
     [
         ("key", pa.string()),
         ("keep", pa.bool_()),  # false: later stages skip the sample
-        ("reason", pa.string()),  # why not kept; null when kept
+        ("reason", pa.string()),  # too_small when not kept; null when kept
+        ("detail", pa.string()),  # why, in one line ("short side 120 px < 512"); null when kept
     ]
 )
 
@@ -87,19 +89,19 @@ class SizeFilterWorker:
         for r in images.read_index(shard).select(["key", "status", "width", "height"]).to_pylist():
             # Failed samples are dropped by every stage already: kept here, so the filter only counts its own.
             why = verdict(r["width"], r["height"], self.config) if r["status"] == OK else None
-            rows.append({"key": r["key"], "keep": why is None, "reason": why})
+            rows.append({"key": r["key"], "keep": why is None, "reason": TOO_SMALL if why else None, "detail": why})
         removed = sorted(r["key"] for r in rows if not r["keep"])
-        images_lineage = images.read_done(shard).upstream
+        extra = keep_flags_extra(self.layout, shard, ["images"], removed)
         folder = self.layout.stage_folder(NAME)
         index = folder.write_index(shard, pa.Table.from_pylist(rows, schema=INDEX))  # index first, done marker last
         done = DoneMarker(
             shard,
             stage=NAME,
             rows=len(rows),
-            **lineage(config_hash(self.config.semantics()), images_lineage),
+            **lineage(config_hash(self.config.semantics()), extra["reads"]["images"]),
             counts={"by_size_filter": {"kept": len(rows) - len(removed), "removed": len(removed)}},
             files={f"{shard}.parquet": index},
-            extra={"images_lineage": images_lineage, "removed_digest": removed_digest(removed)},
+            extra=extra,
         )
         return folder.write_done(done)
 
@@ -115,22 +117,21 @@ class _Images:
 
 
 class SizeFilter(KeepFlags):
-    reason = TOO_SMALL
-    keep_option = "include_small"  # no stage has this option today: every later stage applies the filter
-    columns = ["reason"]
+    reasons = (TOO_SMALL,)
+    applies_after = NAME
 
     def folder(self) -> StageDir:
         return self.layout.stage_folder(NAME)
 
-    def why(self, row: dict) -> str:
-        return row["reason"]
+    def entry(self, row: dict) -> tuple[str, str]:
+        return TOO_SMALL, row.get("detail", row["reason"])  # flags made before `detail` kept it in `reason`
 
 
 class SizeFilterStage(Stage):
     name = NAME
     help = "images/ -> size-filter/: leave out images too small or too elongated to train on"
     config_type = SizeFilterConfig
-    sample_filter = SizeFilter
+    sample_filters = (SizeFilter,)
 
     def needs(self) -> list[Needs]:
         return [needs_images(self.layout)]

@@ -8,14 +8,21 @@ changed config unless `--force`, redoes shards whose input was redone, and total
 
 A stage with several passes (ingest: list, check keys, write; dedup: hash, pair, group) yields them one at a time,
 so each pass is planned from what the previous one wrote; between passes it may map plain Ray tasks through the
-`RunContext`. A stage that marks samples to leave out (dedup's keep flag) declares a `SampleFilter`; every stage
-reads its input through `InputView`, which applies all registered filters, so a new filter needs no edit elsewhere.
+`RunContext`.
+
+Filters: a stage that marks samples to leave out (dedup's keep flags, the size filter's) declares its
+`SampleFilter`s in `sample_filters`. A stage reads its input through `Stage.input_view(folder)`: the registered
+filters that apply to it, found through the registry, so a new filter needs no edit elsewhere. A filter applies only
+to the stages after its `applies_after` in registry order; a stage's `include` field (`--include REASON,...`,
+`include_field()`) leaves out the filters whose reasons it names. A keep-flag shard records the lineage of each
+folder it read (`reads`), and is refused as stale once any of them was made again.
 
 Config dataclasses describe their CLI: every field becomes `--field-name` (underscores to dashes) with
-`metadata={"help": "...", ...}`; optional keys: "choices" (a list), "aliases" (older flag names still accepted),
-"nargs": "+" (a tuple field given as several values; other tuple fields take one comma-separated value), and
-"cli": False (not an option: set by code). A field holding a nested config dataclass contributes that
-dataclass's fields. Defaults live only in the dataclass.
+`metadata={"help": "...", ...}`; optional keys: "choices" (a list, or an iterable read when the CLI is built),
+"aliases" (older flag names still accepted), "nargs": "+" (a tuple field given as several values; other tuple fields
+take one comma-separated value), "shorthands": {flag name: values} (flags taking no value that add these values to a
+tuple field, as `--include-duplicates` means `--include duplicate`), and "cli": False (not an option: set by code).
+A field holding a nested config dataclass contributes that dataclass's fields. Defaults live only in the dataclass.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from curation.errors import SetupError
+from curation.errors import ConfigError, SetupError
 from curation.layout import Layout
 from curation.records import OK, Sample
 from curation.shards import DoneMarker, StageDir, config_hash, lineage  # noqa: F401  (part of the contract)
@@ -140,7 +147,8 @@ class Stage(ABC):
     name: ClassVar[str]  # CLI command and registry key
     help: ClassVar[str]  # one line for `curation --help`
     config_type: ClassVar[type]  # a frozen dataclass; each field with `metadata={"help": ...}` becomes a flag
-    sample_filter: ClassVar[type[SampleFilter] | None] = None  # a keep flag later stages apply
+    # Samples this stage marks to leave out (dedup's keep flags): the later stages' input views apply them.
+    sample_filters: ClassVar[tuple[type[SampleFilter], ...]] = ()
 
     def __init__(self, layout: Layout, config: Any) -> None:
         self.layout, self.config = layout, config
@@ -173,16 +181,25 @@ class Stage(ABC):
         """Where the results are, for the last lines the CLI prints."""
         return []
 
+    def input_view(self, folder: StageDir) -> InputView:
+        """`folder` (`images/`, a caption set) as this stage reads it: with the registered filters of the stages
+        before it applied, but those whose reasons are all in the config's `include` (a stage without that field
+        applies every one)."""
+        return InputView(folder, sample_filters(self.layout, self.name, getattr(self.config, "include", ())))
+
 
 class SampleFilter(ABC):
-    """Samples a stage marks to leave out, seen by every later stage through `InputView`.
+    """Samples a stage marks to leave out, seen by the stages after it through their `InputView`.
 
-    Later stages turn a removed sample into a `skipped` row with this filter's reason, and fold the filter's
-    outcome into their input's lineage, so redoing the filter redoes exactly the shards whose removals changed.
+    A filter applies only to the stages strictly after `applies_after` in registry order: never to the stage that
+    makes it, nor to one before it (dedup's flags do not reach the size filter; a filter on captions reaches stats,
+    not caption). Later stages turn a removed sample into a `skipped` row with the filter's reason, and fold the
+    filter's outcome into their input's lineage, so redoing the filter redoes exactly the shards whose removals
+    changed. A stage declares its filters in `Stage.sample_filters`; the registry is how every later stage finds them.
     """
 
-    reason: ClassVar[str]  # the skipped rows' error_reason
-    keep_option: ClassVar[str]  # a config field that, when true, processes the removed samples too
+    reasons: ClassVar[tuple[str, ...]]  # every error_reason its skipped rows carry; `--include` names these
+    applies_after: ClassVar[str]  # a stage name of `curation.registry.STAGES`
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
@@ -196,15 +213,18 @@ class SampleFilter(ABC):
         """The input shard's lineage with this filter's outcome for the shard folded in."""
 
     @abstractmethod
-    def removed(self, shard: str) -> dict[str, str]:
-        """{key: why (one line)} for the shard's samples this filter leaves out."""
+    def removed(self, shard: str) -> dict[str, tuple[str, str]]:
+        """{key: (reason, one-line detail)} for the shard's samples this filter leaves out."""
 
 
 class KeepFlags(SampleFilter):
-    """A filter kept as a folder of shards named like `images/`'s, each a parquet of keys with a `keep` flag; each
-    done marker holds `images_lineage` (the images shard it describes) and `removed_digest` (`removed_digest()`)."""
+    """A filter kept as a folder of shards named like `images/`'s: a parquet of `key`, `keep` (false: removed),
+    `reason` and `detail` (null when kept). Each done marker's `extra` holds `removed_digest` (`removed_digest()`)
+    and `reads`: {folder, as `Layout.shard_folder` names it: the lineage of its same-named shard when the flags were
+    made} (`keep_flags_extra()` writes both). A flag shard is stale when any folder it reads was made again since:
+    later stages refuse it, in one line naming what changed and the command to rerun."""
 
-    columns: ClassVar[list[str]]  # the index columns `why` reads
+    columns: ClassVar[tuple[str, ...]] = ("reason", "detail")  # the index columns `entry` reads
 
     def __init__(self, layout: Layout) -> None:
         super().__init__(layout)
@@ -212,30 +232,32 @@ class KeepFlags(SampleFilter):
         # change while this run holds the output lock.
         self._markers: dict[str, DoneMarker] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_markers": {}}  # workers read their own shards' markers: the driver's stay here
+
     @abstractmethod
     def folder(self) -> StageDir:
         """Where the flags are (from `Layout`)."""
 
-    @abstractmethod
-    def why(self, row: dict[str, Any]) -> str:
-        """The one-line reason of a removed row."""
-
-    def stale(self, shard: str) -> str:
-        """What to tell the user when the flags describe an older images shard."""
-        return f"run `curation {self.folder().url.rstrip('/').rsplit('/', 1)[-1]}` again"
+    def entry(self, row: dict[str, Any]) -> tuple[str, str]:
+        """(reason, detail) of a removed row."""
+        return row["reason"], row["detail"]
 
     def active(self) -> bool:
         return bool(self.folder().done_shards())
 
     def _marker(self, shard: str) -> DoneMarker:
-        """The shard's marker, refused when it does not describe the images shard as it is now."""
+        """The shard's marker, refused when a folder it was made from was made again since."""
         if shard in self._markers:
             return self._markers[shard]
         folder = self.folder()
+        name = folder.url[len(self.layout.root) :].strip("/")
         marker = folder.read_done(shard) if folder.has_done(shard) else None
-        if marker is None or marker.extra.get("images_lineage") != self.layout.images.read_done(shard).upstream:
+        changed = "images" if marker is None else next(iter(_changed_reads(self.layout, shard, marker)), None)
+        if changed is not None:
             raise SetupError(
-                f"{folder.url} is out of date for images shard {shard} (ingested again since): {self.stale(shard)}"
+                f"{name} is out of date for shard {shard} ({changed} made again since): run `curation "
+                f"{folder.command}` again, or pass --include {','.join(self.reasons)}"
             )
         self._markers[shard] = marker
         return marker
@@ -245,11 +267,12 @@ class KeepFlags(SampleFilter):
         removed = self._marker(shard).extra.get("removed_digest", "")
         return config_hash({"input": input_lineage, "removed": removed}) if removed else input_lineage
 
-    def removed(self, shard: str) -> dict[str, str]:
+    def removed(self, shard: str) -> dict[str, tuple[str, str]]:
         if not self._marker(shard).extra.get("removed_digest"):
             return {}
-        rows = self.folder().read_index(shard).select(["key", "keep", *self.columns]).to_pylist()
-        return {r["key"]: self.why(r) for r in rows if r["keep"] is False}
+        table = self.folder().read_index(shard)
+        columns = [c for c in ("key", "keep", *self.columns) if c in table.column_names]  # older flags lack some
+        return {r["key"]: self.entry(r) for r in table.select(columns).to_pylist() if r["keep"] is False}
 
 
 def removed_digest(keys: list[str]) -> str:
@@ -257,27 +280,105 @@ def removed_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16] if keys else ""
 
 
-def sample_filters(layout: Layout, config: Any) -> list[SampleFilter]:
-    """The registered filters that apply to a stage with `config` on this output."""
+def keep_flags_extra(layout: Layout, shard: str, reads: Iterable[str], removed: list[str]) -> dict[str, Any]:
+    """A keep-flag shard's done marker `extra`: the lineage of each folder it `reads` (`images`, `captions-dense`)
+    now, and the digest of the keys it removes."""
+    lineages = {rel: layout.shard_folder(rel)[0].read_done(shard).upstream for rel in reads}
+    extra = {"reads": lineages, "removed_digest": removed_digest(removed)}
+    if "images" in lineages:  # what releases before `reads` check: they keep reading these flags
+        extra["images_lineage"] = lineages["images"]
+    return extra
+
+
+def marker_reads(marker: DoneMarker) -> dict[str, str]:
+    """{folder: lineage} a keep-flag shard was made from (markers before `reads` hold `images_lineage` alone)."""
+    reads = marker.extra.get("reads")
+    return dict(reads) if reads is not None else {"images": marker.extra.get("images_lineage")}
+
+
+def _changed_reads(layout: Layout, shard: str, marker: DoneMarker) -> list[str]:
+    """The folders a keep-flag shard read whose same-named shard is not the one it was made from any more."""
+    changed = []
+    for rel, made_from in marker_reads(marker).items():
+        folder = layout.shard_folder(rel)[0]
+        if (folder.read_done(shard).upstream if folder.has_done(shard) else None) != made_from:
+            changed.append(rel)
+    return changed
+
+
+def registered_reasons() -> tuple[str, ...]:
+    """Every registered filter's reasons, in registry order: what `--include` may name."""
     from curation.registry import stage_classes
 
+    return tuple(dict.fromkeys(r for stage in stage_classes() for kind in stage.sample_filters for r in kind.reasons))
+
+
+class _RegisteredReasons:
+    """`--include`'s choices, read from the registry when the CLI is built (a config class cannot import it)."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registered_reasons())
+
+
+# The flag earlier releases had on every stage that honours filters: {flag: the `--include` values it means}.
+INCLUDE_ALIASES = {"include-duplicates": ("duplicate",)}
+
+
+def include_field(what: str = "process") -> Any:
+    """The `include` config field of a stage that honours filters: the reasons whose removals it ignores. Not in
+    any config hash: the filters a stage applies are in its input's lineage."""
+    return field(
+        default=(),
+        metadata={
+            "help": f"also {what} the samples these filters remove (default: skip them)",
+            "choices": _RegisteredReasons(),
+            "shorthands": INCLUDE_ALIASES,
+        },
+    )
+
+
+def check_include(include: Iterable[str]) -> tuple[str, ...]:
+    """`include` as a tuple; ConfigError (one line) naming a reason no registered filter has."""
+    include, known = tuple(include), registered_reasons()
+    unknown = [r for r in include if r not in known]
+    if unknown:
+        choose = ", ".join(known) or "none (no filter is registered)"
+        raise ConfigError(f"--include {unknown[0]}: no filter removes samples for this reason; one of {choose}")
+    return include
+
+
+def sample_filters(layout: Layout, stage: str, include: Iterable[str] = ()) -> list[SampleFilter]:
+    """The registered filters that apply to `stage` on this output, in registry order: made by an earlier stage
+    (`applies_after` before `stage`), active, and not all of whose reasons are in `include`."""
+    from curation.registry import stage_classes
+
+    order = [cls.name for cls in stage_classes()]
+    if stage not in order:
+        raise TypeError(f"stage {stage!r} is not in curation.registry.STAGES")
+    included = set(include)
     found = []
-    for stage in stage_classes():
-        kind = stage.sample_filter
-        if kind is None or getattr(config, kind.keep_option, False):
-            continue
-        f = kind(layout)
-        if f.active():
-            found.append(f)
+    for cls in stage_classes():
+        for kind in cls.sample_filters:
+            if kind.applies_after not in order:
+                raise TypeError(f"{kind.__name__}.applies_after {kind.applies_after!r} is no registered stage")
+            if order.index(kind.applies_after) >= order.index(stage) or set(kind.reasons) <= included:
+                continue
+            f = kind(layout)
+            if f.active():
+                found.append(f)
     return found
 
 
 class InputView:
-    """A stage's input folder with every applicable `SampleFilter` applied (an `Upstream` for the runner)."""
+    """A stage's input folder with the `SampleFilter`s that apply to it (an `Upstream` for the runner). Made by
+    `Stage.input_view`; picklable, so the stage gives it to its workers."""
 
-    def __init__(self, layout: Layout, folder: StageDir, config: Any) -> None:
-        self.folder = folder
-        self.filters = sample_filters(layout, config)
+    def __init__(self, folder: StageDir, filters: list[SampleFilter]) -> None:
+        self.folder, self.filters = folder, filters
+
+    def over(self, folder: StageDir) -> InputView:
+        """The same filters over another input folder (a caption set beside `images/`)."""
+        return InputView(folder, self.filters)
 
     def read_done(self, shard: str) -> DoneMarker:
         """The input shard's done marker, its lineage folded with each filter's outcome."""
@@ -292,11 +393,11 @@ class InputView:
         return {s: self.read_done(s).upstream for s in shards}
 
     def removed(self, shard: str) -> dict[str, tuple[str, str]]:
-        """{key: (reason, detail)} of the samples left out of the shard."""
+        """{key: (reason, detail)} of the samples left out of the shard (the first filter's, where several are)."""
         out: dict[str, tuple[str, str]] = {}
         for f in self.filters:
             for key, why in f.removed(shard).items():
-                out.setdefault(key, (f.reason, why))
+                out.setdefault(key, why)
         return out
 
     def skip(self, shard: str, samples: Iterable[Sample]) -> int:

@@ -43,7 +43,8 @@ def test_small_and_elongated_images_are_marked_and_later_stages_skip_them(ingest
     assert summary.counts["by_size_filter"] == {"kept": 6, "removed": 2}
     flags = index_rows(out, "size-filter")
     assert {k for k, r in flags.items() if not r["keep"]} == {"thumb", "strip"}
-    assert flags["thumb"]["reason"] == "short side 120 px < 200" and flags["strip"]["reason"] == "aspect 6.00 > 4"
+    assert flags["thumb"]["detail"] == "short side 120 px < 200" and flags["strip"]["detail"] == "aspect 6.00 > 4"
+    assert {flags[k]["reason"] for k in ("thumb", "strip")} == {"too_small"} and flags["000000000790"]["reason"] is None
 
     # The caption stage was not edited for this filter: it finds it through the registry.
     caption = CaptionStageConfig(model=CaptionConfig(model=str(tiny_models["llava"]), max_new_tokens=4))

@@ -33,6 +33,8 @@ from curation.stage import (
     RowsDone,
     RunContext,
     Stage,
+    check_include,
+    include_field,
     needs_images,
     no_progress,
 )
@@ -55,9 +57,7 @@ class CaptionStageConfig:
     workers: int | None = field(
         default=None, metadata={"help": "actors (default: one per GPU, or per CPU without)"}
     )  # how fast, not what: not in semantics
-    include_duplicates: bool = field(
-        default=False, metadata={"help": "also process the samples dedup removes (default: skip them)"}
-    )  # not in semantics: in the lineage
+    include: tuple[str, ...] = include_field("caption")  # not in semantics: in the lineage
     name: str = field(
         default=DEFAULT_SET, metadata={"help": "caption set [a-z0-9_]+ (default: captions/, else captions-NAME/)"}
     )  # the caption set (its folder, not its content: not in semantics)
@@ -69,6 +69,7 @@ class CaptionStageConfig:
     def __post_init__(self) -> None:
         Layout.captions_folder(self.name)  # refuses a malformed or reserved name
         template_fields(self.model.prompt)  # refuses a malformed template before any model loads
+        object.__setattr__(self, "include", check_include(self.include))
 
     @property
     def folder(self) -> str:
@@ -101,14 +102,15 @@ class CaptionStage(Stage):
     def passes(self, ctx: RunContext) -> Iterator[Pass]:
         """One pass: every done `images/` shard -> the caption set's folder."""
         config, layout = self.config, self.layout
+        view = self.input_view(layout.images)
         yield Pass(
             label=config.folder,
             folder=layout.captions(config.name),
-            make_worker=functools.partial(CaptionWorker, layout, config),
+            make_worker=functools.partial(CaptionWorker, layout, config, view),
             tasks=[(shard, None) for shard in layout.images.done_shards()],
             semantics=config.semantics(),
             resources=Resources.for_device(config.model.device, config.workers),
-            upstream=InputView(layout, layout.images, config),
+            upstream=view,
         )
 
     def outputs(self) -> list[str]:
@@ -118,9 +120,10 @@ class CaptionStage(Stage):
 class CaptionWorker:
     """Captions one `images/` shard into the caption set's folder; the model loads once per worker."""
 
-    def __init__(self, layout: Layout, config: CaptionStageConfig) -> None:
+    def __init__(self, layout: Layout, config: CaptionStageConfig, view: InputView | None = None) -> None:
         self.images = layout.images
-        self.input = InputView(layout, self.images, config)
+        # The stage gives its view; benches and tests that build a worker alone get the same one.
+        self.input = view or CaptionStage(layout, config).input_view(self.images)
         self.stage_dir = layout.captions(config.name)
         self.config = config
         self.needs_original = ORIGINAL in template_fields(config.model.prompt)

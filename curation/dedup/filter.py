@@ -1,6 +1,6 @@
 """How later stages see dedup: a `SampleFilter`. Non-kept samples become `skipped` rows (reason `duplicate`), and
 the dedup shard's outcome joins the input's lineage, so a redone dedup redoes exactly the shards whose removed
-samples changed. Stages read it through `curation.stage.InputView`, never directly."""
+samples changed. Stages read it through their `Stage.input_view`, never directly."""
 
 from __future__ import annotations
 
@@ -13,15 +13,12 @@ DUPLICATE = "duplicate"
 
 
 class DuplicateFilter(KeepFlags):
-    reason = DUPLICATE
-    keep_option = "include_duplicates"
-    columns = ["group"]
+    reasons = (DUPLICATE,)
+    applies_after = "dedup"
+    columns = ("group",)  # dedup's index names the kept member; the reason is always the same
 
     def folder(self) -> StageDir:
         return self.layout.dedup
 
-    def why(self, row: dict[str, Any]) -> str:
-        return f"duplicate of {row['group']}"
-
-    def stale(self, shard: str) -> str:
-        return "run `curation dedup` first, or pass --include-duplicates"
+    def entry(self, row: dict[str, Any]) -> tuple[str, str]:
+        return DUPLICATE, f"duplicate of {row['group']}"

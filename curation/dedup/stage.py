@@ -13,7 +13,7 @@ Nothing on the driver grows with the number of samples: it hands out shard names
 whose number follows the duplicates. Each pass-2 task holds one band index of every hash (~40 bytes a sample).
 
 A dedup shard's `lineage` changes only when the set of samples it removes changes (or its images shard was redone):
-later stages read it through `DuplicateFilter` (this stage's `sample_filter`), so a new threshold redoes just the
+later stages read it through `DuplicateFilter` (this stage's `sample_filters`), so a new threshold redoes just the
 shards whose removals changed.
 """
 
@@ -47,9 +47,10 @@ from curation.stage import (
     RowsDone,
     RunContext,
     Stage,
+    keep_flags_extra,
+    marker_reads,
     needs_images,
     no_progress,
-    removed_digest,
 )
 
 STAGE = "dedup"
@@ -288,8 +289,8 @@ class WriteWorker:
             m = found.get(row["key"], Member(row["key"], True, 1, 0, False))
             row.update(group=m.group, keep=m.keep, group_size=m.group_size, distance=m.distance, exact=m.exact)
         removed = [r["key"] for r in rows if not r["keep"]]
-        images_lineage = self.layout.images.read_done(shard).upstream
-        digest = removed_digest(removed)
+        extra = keep_flags_extra(self.layout, shard, ["images"], removed)
+        images_lineage, digest = extra["reads"]["images"], extra["removed_digest"]
         done = DoneMarker(
             shard,
             stage=STAGE,
@@ -301,7 +302,7 @@ class WriteWorker:
                 "by_status": _counts([r["status"] for r in rows]),
                 "by_dedup": {k: v for k, v in (("kept", len(rows) - len(removed)), ("removed", len(removed))) if v},
             },
-            extra={"images_lineage": images_lineage, "removed_digest": digest},
+            extra=extra,
         )
         return _publish(self.layout.dedup, pa.Table.from_pylist(rows, schema=DEDUP_INDEX), done, started)
 
@@ -344,7 +345,7 @@ class DedupStage(Stage):
     name = "dedup"
     help = "images/ -> dedup/: exact and near-duplicate groups, one kept member each"
     config_type = DedupConfig
-    sample_filter = DuplicateFilter
+    sample_filters = (DuplicateFilter,)
 
     def __init__(self, layout: Layout, config: DedupConfig) -> None:
         super().__init__(layout, config)
@@ -424,7 +425,7 @@ def _up_to_date(layout: Layout, shards: list[str], chash: str) -> bool:
             return False
     images = layout.images.read_dones(shards)
     return all(
-        m.config_hash == chash and m.extra.get("images_lineage") == images[s].upstream
+        m.config_hash == chash and marker_reads(m).get("images") == images[s].upstream
         for s, m in layout.dedup.read_dones(shards).items()
     )
 

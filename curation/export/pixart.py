@@ -68,7 +68,19 @@ from curation.features.stage import FIELDS, SIGMA_MAX_LENGTH, T5_SIDECAR, t5_sid
 from curation.layout import DEFAULT_SET, ORIGINAL, Layout, check_set_name
 from curation.records import OK, SKIPPED
 from curation.shards import DoneMarker, StageDir, config_hash, lineage
-from curation.stage import InputView, Needs, Pass, Resources, RowsDone, RunContext, Stage, needs_images, no_progress
+from curation.stage import (
+    InputView,
+    Needs,
+    Pass,
+    Resources,
+    RowsDone,
+    RunContext,
+    Stage,
+    check_include,
+    include_field,
+    needs_images,
+    no_progress,
+)
 
 if TYPE_CHECKING:
     from curation.runner import StageRun
@@ -139,15 +151,14 @@ class ExportConfig:
     vae_tag: str | None = field(
         default=None, metadata={"help": "read the VAE sidecars vae512-TAG (e.g. sdxl for Sigma)"}
     )
-    include_duplicates: bool = field(
-        default=False, metadata={"help": "also process the samples dedup removes (default: skip them)"}
-    )
+    include: tuple[str, ...] = include_field("export")  # not in semantics: in the lineage
     reencode_png: bool = field(
         default=False, metadata={"help": "write real PNGs instead of the original bytes", "cli": False}
     )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "to", os.fspath(self.to))
+        object.__setattr__(self, "include", check_include(self.include))
         if self.format not in FORMATS:
             raise ConfigError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.resolution not in BASES:
@@ -260,15 +271,15 @@ class ExportStage(Stage):
         for stale in index.glob("*.json"):  # an earlier release's export of shards that are gone (α's single file)
             if stale.stem not in shards and stale.stem not in marked:
                 stale.unlink()
-        inputs = ExportInputs(InputView(self.layout, self.layout.images, c), [plan.vae, *plan.t5.values()])
+        view = self.input_view(self.layout.images)
         yield Pass(
             label=plan.label,
             folder=done,
-            make_worker=functools.partial(PixartWorker, plan),
+            make_worker=functools.partial(PixartWorker, plan, view),
             tasks=[(s, None) for s in shards],
             semantics=plan.semantics,
             resources=Resources(stateless=True),
-            upstream=inputs,
+            upstream=ExportInputs(view, [plan.vae, *plan.t5.values()]),
         )
 
     def finish(self, summaries: list[Any]) -> list[str]:
@@ -286,18 +297,16 @@ class ExportStage(Stage):
 class PixartWorker:
     """Exports one shard: its files, its index file, then its done marker in the target."""
 
-    def __init__(self, plan: ExportPlan) -> None:
-        self.plan = plan
-        self.inputs = ExportInputs(
-            InputView(plan.layout, plan.layout.images, plan.config), [plan.vae, *plan.t5.values()]
-        )
+    def __init__(self, plan: ExportPlan, view: InputView) -> None:
+        self.plan, self.view = plan, view
+        self.inputs = ExportInputs(view, [plan.vae, *plan.t5.values()])
 
     def setup(self) -> None:
         pass
 
     def process(self, shard: str, payload: None = None, rows_done: RowsDone = no_progress) -> DoneMarker:
         started = time.time()
-        counts = _export_shard(self.plan, shard)
+        counts = _export_shard(self.plan, self.view, shard)
         upstream = self.inputs.lineages([shard])[shard]
         done = DoneMarker(
             shard,
@@ -349,7 +358,7 @@ def export_pixart(
     sharegpt4v_field: str = DEFAULT_SET,
     vae_tag: str | None = None,
     reencode_png: bool = False,
-    include_duplicates: bool = False,
+    include: tuple[str, ...] = (),
     ray_address: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -357,7 +366,7 @@ def export_pixart(
     shard; returns counts (`curation export-pixart` from Python)."""
     config = ExportConfig(
         os.fspath(to_dir), resolution, multiscale, format, prompt_field, sharegpt4v_field, vae_tag,
-        include_duplicates, reencode_png,
+        include, reencode_png,
     )  # fmt: skip
     return run_export(output, config, ray_address=ray_address, progress=progress).result
 
@@ -369,11 +378,11 @@ def run_export(output: str, config: ExportConfig, **kw: Any) -> StageRun:
     return run(ExportStage(Layout(output), config), **kw)
 
 
-def _export_shard(plan: ExportPlan, shard: str) -> dict[str, int]:
+def _export_shard(plan: ExportPlan, view: InputView, shard: str) -> dict[str, int]:
     """Export one shard's files, then its JSON index file; returns its counts."""
     c = plan.config
     images = plan.layout.images
-    removed = InputView(plan.layout, images, c).removed(shard)  # dedup's, unless include_duplicates
+    removed = view.removed(shard)  # every filter's before this stage, but those `--include` names
     texts = {field: {r["key"]: r for r in d.read_index(shard).to_pylist()} for field, d in plan.t5.items()}
     counts = _zero_counts(c.format)
     # key -> the index entry, and per index field the sidecar whose features it takes (a fallback: the other's)
@@ -382,7 +391,8 @@ def _export_shard(plan: ExportPlan, shard: str) -> dict[str, int]:
     for row in plan.vae.read_index(shard).to_pylist():
         key = row["key"]
         if key in removed or row["status"] == SKIPPED:
-            counts["skipped_duplicate"] += 1
+            reason = removed[key][0] if key in removed else row["error_reason"]
+            counts[f"skipped_{reason}"] = counts.get(f"skipped_{reason}", 0) + 1
             continue
         have = [f for f in texts if texts[f].get(key, {}).get("status") == OK]
         if row["status"] != OK or not have:

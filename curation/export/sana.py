@@ -50,7 +50,19 @@ from curation.imaging import ImageDecodeError, decode_image
 from curation.layout import DEFAULT_SET, ORIGINAL, Layout, check_set_name
 from curation.records import OK
 from curation.shards import DoneMarker, StageDir, config_hash, lineage, write_bytes_atomic
-from curation.stage import InputView, Needs, Pass, Resources, RowsDone, RunContext, Stage, needs_images, no_progress
+from curation.stage import (
+    InputView,
+    Needs,
+    Pass,
+    Resources,
+    RowsDone,
+    RunContext,
+    Stage,
+    check_include,
+    include_field,
+    needs_images,
+    no_progress,
+)
 
 if TYPE_CHECKING:
     from curation.runner import StageRun
@@ -75,12 +87,11 @@ class SanaConfig:
     resolution: int | None = field(
         default=None, metadata={"help": "with --vae-tag: the latents' bucket base (default: the only one there is)"}
     )
-    include_duplicates: bool = field(
-        default=False, metadata={"help": "also export the samples dedup removes (default: skip them)"}
-    )
+    include: tuple[str, ...] = include_field("export")  # not in semantics: in the lineage
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "to", os.path.abspath(os.fspath(self.to)))
+        object.__setattr__(self, "include", check_include(self.include))
         if self.prompt_field not in (ORIGINAL, DEFAULT_SET):
             check_set_name(self.prompt_field)
         if self.vae_tag is not None and not self.vae_tag.isalnum():
@@ -97,6 +108,7 @@ class SanaPlan:
     config: SanaConfig
     fields: tuple[str, ...]  # prompt field first, then the other caption fields (sets, original)
     vae: str | None  # the latents' sidecar name
+    view: InputView  # `images/` as this stage reads it (`Stage.input_view`)
 
     @property
     def done_dir(self) -> ExportDone:
@@ -111,10 +123,10 @@ class SanaPlan:
 
     def inputs(self) -> ExportInputs:
         vae = [self.layout.sidecar(self.vae)] if self.vae else []
-        return ExportInputs(InputView(self.layout, self.layout.images, self.config), [*self.sets(), *vae])
+        return ExportInputs(self.view, [*self.sets(), *vae])
 
 
-def plan_export(layout: Layout, config: SanaConfig) -> tuple[SanaPlan, list[str]]:
+def plan_export(layout: Layout, config: SanaConfig, view: InputView) -> tuple[SanaPlan, list[str]]:
     """The plan and its shards; SetupError (one line) for what cannot work."""
     shards = layout.images.done_shards()
     if not shards:
@@ -132,7 +144,7 @@ def plan_export(layout: Layout, config: SanaConfig) -> tuple[SanaPlan, list[str]
     # A shard is exported once its prompt set and its latents are done (other sets may cover fewer shards).
     needed = ([layout.captions(prompt)] if prompt != ORIGINAL else []) + ([layout.sidecar(vae)] if vae else [])
     ready = set(shards).intersection(*(d.done_shards() for d in needed))
-    return SanaPlan(layout, config, fields, vae), [s for s in shards if s in ready]
+    return SanaPlan(layout, config, fields, vae, view), [s for s in shards if s in ready]
 
 
 def _latents(layout: Layout, config: SanaConfig) -> str:
@@ -167,7 +179,7 @@ class SanaStage(Stage):
 
     def check(self) -> None:
         super().check()
-        self.plan, self.shards = plan_export(self.layout, self.config)
+        self.plan, self.shards = plan_export(self.layout, self.config, self.input_view(self.layout.images))
         if not self.shards:
             raise SetupError(f"no shard of {self.layout.output} has every input of the export done")
 
@@ -235,8 +247,7 @@ class SanaWorker:
         started = time.time()
         plan, to = self.plan, Path(self.plan.config.to)
         layout = plan.layout
-        view = InputView(layout, layout.images, plan.config)
-        removed = view.removed(shard)
+        removed = plan.view.removed(shard)
         rows = {r["key"]: r for r in layout.images.read_index(shard).to_pylist()}
         texts = _texts(layout, shard, plan.fields, rows)
         counts: dict[str, int] = {"samples": 0, "converted": 0, "failed": 0, "no_prompt": 0}

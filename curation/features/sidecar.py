@@ -125,11 +125,11 @@ class FeatureDirs:
     A sidecar made with another config is a changed shard: refused unless --force.
     """
 
-    def __init__(self, layout: Layout, config: FeaturesConfig) -> None:
+    def __init__(self, layout: Layout, config: FeaturesConfig, view: InputView) -> None:
         self.layout, self.config = layout, config
         self.url = layout.features
         self.images = layout.images  # the shard list, the samples and their bytes
-        self.input = InputView(layout, self.images, config)  # the images shards' lineage, dedup included
+        self.input = view  # `images/` through the features stage's filters: its lineage has their outcome
         self.kinds: list[FeatureKind] = config.kinds()
         self.semantics = config.sidecars()
         self.owner = {name: kind for kind in self.kinds for name in kind.sidecars()}
@@ -187,7 +187,7 @@ class FeatureDirs:
         captions = self.layout.captions()
         if not captions.has_done(shard):
             return None
-        upstream = InputView(self.layout, captions, self.config).read_done(shard).upstream
+        upstream = self.input.over(captions).read_done(shard).upstream
         for folder in self.owner[name].inputs(self.layout, name):
             if folder.url != captions.url:
                 upstream = config_hash({"input": upstream, "set": folder.read_done(shard).upstream})

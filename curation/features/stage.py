@@ -41,12 +41,15 @@ from curation.models import check_model
 from curation.records import table_to_samples
 from curation.shards import DoneMarker
 from curation.stage import (
+    InputView,
     Needs,
     Pass,
     Resources,
     RowsDone,
     RunContext,
     Stage,
+    check_include,
+    include_field,
     needs_images,
     no_progress,
 )
@@ -116,15 +119,13 @@ class FeaturesConfig:
         default=False, metadata={"help": "torch.compile the VAE (faster at one size; each new bucket recompiles)"}
     )
     decode_threads: int = dataclasses.field(default=4, metadata={"help": "image decode threads per worker"})
-    # Not in semantics: the samples dedup removes are in the input's lineage.
-    include_duplicates: bool = dataclasses.field(
-        default=False, metadata={"help": "also process the samples dedup removes (default: skip them)"}
-    )
+    include: tuple[str, ...] = include_field("encode")  # not in semantics: the removed samples are in the lineage
     vae_tag: str | None = dataclasses.field(
         default=None, metadata={"help": "names the VAE sidecars vae512-TAG (e.g. sdxl for Sigma's VAE)"}
     )
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "include", check_include(self.include))
         if self.dtype not in STORAGE_DTYPES:
             raise ConfigError(f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
         if self.field == DEFAULT_SET:  # the default caption set is the historical "caption" field (same hash)
@@ -175,11 +176,12 @@ class FeaturesStage(Stage):
 
     def passes(self, ctx: RunContext) -> Iterator[Pass]:
         """One pass over every done images shard; a shard's current sidecars are kept (resumable, incremental)."""
-        folder = FeatureDirs(self.layout, self.config)
+        view = self.input_view(self.layout.images)
+        folder = FeatureDirs(self.layout, self.config, view)
         yield Pass(
             label="features",
             folder=folder,
-            make_worker=functools.partial(FeaturesWorker, self.layout, self.config),
+            make_worker=functools.partial(FeaturesWorker, self.layout, self.config, view),
             tasks=[(shard, None) for shard in self.layout.images.done_shards()],
             semantics=self.config.semantics(),
             # "auto": one GPU per worker where the cluster has GPUs, CPU workers where it has none (laptops, CI).
@@ -194,9 +196,10 @@ class FeaturesStage(Stage):
 class FeaturesWorker:
     """Loads every kind's model once per worker; `process` writes a shard's sidecars that are not current."""
 
-    def __init__(self, layout: Layout, config: FeaturesConfig) -> None:
+    def __init__(self, layout: Layout, config: FeaturesConfig, view: InputView | None = None) -> None:
         self.layout, self.config = layout, config
-        self.dirs = FeatureDirs(layout, config)
+        # The stage gives its view; tests that build a worker alone get the same one.
+        self.dirs = FeatureDirs(layout, config, view or FeaturesStage(layout, config).input_view(layout.images))
 
     def setup(self) -> None:
         for kind in self.dirs.kinds:

@@ -36,8 +36,11 @@ from curation.stage import (
     RowsDone,
     RunContext,
     Stage,
+    check_include,
+    include_field,
     needs_images,
     no_progress,
+    registered_reasons,
 )
 from curation.stats.nouns import VALID_THRESHOLD, NounExtractor, NounStats, count_captions, decode_caption
 from curation.stats.overview import sample_gallery, stage_counts
@@ -70,9 +73,7 @@ class StatsConfig:
         default=None,
         metadata={"help": "dataset name in the table (default: the output folder's, or the corpus file's name)"},
     )
-    include_duplicates: bool = dataclasses.field(
-        default=False, metadata={"help": "also count the samples dedup removes (default: skip them)"}
-    )  # not in semantics: in the lineage
+    include: tuple[str, ...] = include_field("count")  # not in semantics: in the lineage
     compare: tuple[str, ...] = dataclasses.field(
         default=(),
         metadata={"help": "other outputs (their stats run) or caption corpora: more rows in the table", "nargs": "+"},
@@ -87,6 +88,7 @@ class StatsConfig:
         if self.field not in FIELD_CHOICES:
             raise ConfigError(f"--field {self.field!r}: one of {', '.join(FIELD_CHOICES)}")
         object.__setattr__(self, "compare", tuple(self.compare))
+        object.__setattr__(self, "include", check_include(self.include))
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -134,24 +136,24 @@ class StatsStage(Stage):
         yield Pass(
             label=layout.stats_original.url.rstrip("/").rsplit("/", 1)[-1],
             folder=layout.stats_original,
-            make_worker=functools.partial(StatsWorker, layout, self.config, None),
+            make_worker=functools.partial(StatsWorker, layout, None, view := self.input_view(layout.images)),
             tasks=[(shard, None) for shard in layout.images.done_shards()],
             semantics={"fields": ["original"]},
             resources=Resources(num_cpus=1),
-            upstream=InputView(layout, layout.images, self.config),
+            upstream=view,
         )
         for caption_set in self.sets:
             folder, captions = layout.stats(caption_set), layout.captions(caption_set)
             yield Pass(
                 label=folder.url.rstrip("/").rsplit("/", 1)[-1],
                 folder=folder,
-                make_worker=functools.partial(StatsWorker, layout, self.config, caption_set),
+                make_worker=functools.partial(StatsWorker, layout, caption_set, view := self.input_view(captions)),
                 tasks=[(shard, None) for shard in captions.done_shards()],
                 semantics=SET_SEMANTICS,
                 # An earlier release counted the originals in the default set's partials too: they hold its captions.
                 compatible=(config_hash(LEGACY_DEFAULT_SEMANTICS),) if caption_set == DEFAULT_SET else (),
                 resources=Resources(num_cpus=1),
-                upstream=InputView(layout, captions, self.config),
+                upstream=view,
             )
         # After the passes: the quality scores reduced per shard in Ray tasks, for the report.
         self.quality = quality_section(ctx, layout, row_fields(layout.output, self.config, self.sets))
@@ -199,13 +201,13 @@ class StatsWorker:
     """Counts the nouns of one shard into its partial, then writes the shard's done marker: a caption set's captions
     (from its tar's `.txt` members), or with `caption_set=None` the originals and buckets of an `images/` shard."""
 
-    def __init__(self, layout: Layout, config: StatsConfig, caption_set: str | None) -> None:
-        self.source = layout.captions(caption_set) if caption_set is not None else layout.images
-        self.input = InputView(layout, self.source, config)
+    def __init__(self, layout: Layout, caption_set: str | None, view: InputView) -> None:
+        self.source = view.folder
+        self.input = view
         self.stage_dir = layout.stats(caption_set) if caption_set is not None else layout.stats_original
         self.originals = caption_set is None
         self.semantics = {"fields": ["original"]} if self.originals else SET_SEMANTICS
-        self.reasons = filter_reasons()
+        self.reasons = registered_reasons()
 
     def setup(self) -> None:
         self.extractor = NounExtractor()
@@ -213,14 +215,14 @@ class StatsWorker:
     def process(self, shard: str, payload: None = None, rows_done: RowsDone = no_progress) -> DoneMarker:
         started = time.time()
         # Removed samples (duplicates) are left out whether the caption stage skipped them or captioned them
-        # (--include-duplicates there); those it skipped are tallied as skipped here too.
+        # (--include duplicate there); those it skipped are tallied as skipped here too.
         removed = self.input.removed(shard)
         index = self.source.read_index(shard).to_pylist()
         rows = [r for r in index if r["status"] == OK and r["key"] not in removed]
         skipped: dict[str, int] = {}
         for r in index:
             reason = removed[r["key"]][0] if r["key"] in removed else r["error_reason"]
-            if reason in self.reasons:
+            if r["key"] in removed or reason in self.reasons:
                 skipped[reason] = skipped.get(reason, 0) + 1
         partial: dict[str, Any] = {}
         invalid_utf8 = 0
@@ -272,13 +274,6 @@ def nouns_table(counted: dict[str, int | None]) -> pa.Table:
     """`<stats folder>/NNNNN.parquet`: key and the nouns of its caption (null where extraction failed), by key."""
     keys = sorted(counted)
     return pa.table({"key": pa.array(keys, pa.string()), "nouns": pa.array([counted[k] for k in keys], pa.int32())})
-
-
-def filter_reasons() -> frozenset[str]:
-    """The skipped rows' reasons of every registered `SampleFilter` (dedup's `duplicate`)."""
-    from curation.registry import stage_classes
-
-    return frozenset(s.sample_filter.reason for s in stage_classes() if s.sample_filter is not None)
 
 
 def read_partial(stage: StageDir, shard: str) -> dict[str, Any]:

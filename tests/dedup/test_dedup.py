@@ -104,12 +104,13 @@ def test_copies_grouped_with_their_original_and_distinct_photos_apart(photos, tm
     shard = StageDir(f"{out}/dedup").done_shards()[0]
     marker = json.loads(Path(out, "dedup", f"{shard}.done.json").read_text())
     assert set(marker) - {"seconds"} == {
-        "stage", "shard", "rows", "config_hash", "input_lineage", "images_lineage", "removed_digest", "by_status",
-        "by_dedup", "lineage", "files",
+        "stage", "shard", "rows", "config_hash", "input_lineage", "images_lineage", "reads", "removed_digest",
+        "by_status", "by_dedup", "lineage", "files",
     }  # fmt: skip
     assert marker["files"][f"{shard}.parquet"]["size"] == Path(out, "dedup", f"{shard}.parquet").stat().st_size
     images_marker = json.loads(Path(out, "images", f"{shard}.done.json").read_text())
     assert marker["stage"] == "dedup" and marker["images_lineage"] == images_marker["lineage"]
+    assert marker["reads"] == {"images": images_marker["lineage"]}
     hashes = json.loads(Path(out, "dedup", "hashes", f"{shard}.done.json").read_text())
     assert hashes["stage"] == "dedup/hashes" and hashes["input_lineage"] == images_marker["lineage"]
     hash_fields = {"stage", "shard", "rows", "config_hash", "input_lineage", "lineage", "by_status", "files"}
@@ -152,7 +153,7 @@ def test_caption_skips_duplicates_and_follows_a_new_threshold(photos, tmp_path, 
     for key, row in captions.items():  # no caption of a now-kept sample is missing, none of a removed one survives
         assert (row["status"] == "skipped") == (not strict[key]["keep"]), key
 
-    run_caption(out, dataclasses.replace(config, include_duplicates=True), progress=False)
+    run_caption(out, dataclasses.replace(config, include=("duplicate",)), progress=False)
     assert {r["status"] for r in index_rows(out, "captions").values()} == {"ok"}
 
 
@@ -206,7 +207,8 @@ def test_sigkill_mid_dedup_then_rerun_gives_the_same_groups(photos, tmp_path, co
 def test_dedup_stage_declares_its_filter_config_and_outputs(tmp_path):
     layout = Layout(str(tmp_path / "out"))
     assert ("curation.dedup.stage:DedupStage", True) in registry.STAGES and DedupStage.name == "dedup"
-    assert DedupStage.sample_filter is DuplicateFilter  # how later stages find it (`InputView`)
+    assert DedupStage.sample_filters == (DuplicateFilter,)  # how later stages find it (`Stage.input_view`)
+    assert (DuplicateFilter.reasons, DuplicateFilter.applies_after) == (("duplicate",), "dedup")
     threshold = next(f for f in dataclasses.fields(DedupConfig) if f.name == "threshold")
     assert threshold.metadata["help"] == "pHash Hamming distance counted as duplicate"
     stage = DedupStage(layout, DedupConfig())

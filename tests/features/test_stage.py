@@ -8,7 +8,7 @@ import webdataset as wds
 from curation.buckets import bucket_size
 from curation.errors import ConfigError, SetupError
 from curation.features.npy import read_npy
-from curation.features.stage import FeatureDirs, FeaturesConfig, FeaturesWorker, run_features
+from curation.features.stage import FeatureDirs, FeaturesConfig, FeaturesStage, FeaturesWorker, run_features
 from curation.features.t5 import T5Features, TextFeatureConfig
 from curation.features.vae import VaeFeatureConfig, VaeFeatures, cover_size
 from curation.imaging import decode_image
@@ -141,7 +141,8 @@ def test_rerun_writes_nothing_and_a_new_resolution_writes_only_its_sidecar(made,
         32,
         32,
     )
-    dirs = FeatureDirs(Layout(str(out)), single)
+    layout = Layout(str(out))
+    dirs = FeatureDirs(layout, single, FeaturesStage(layout, single).input_view(layout.images))
     assert dirs.done_shards() == ["00000", "00001"]
     summary = dirs.read_done("00001")
     assert summary.rows == 4 and summary.counts["by_status"] == {"ok": 1, "failed": 3}
@@ -224,7 +225,7 @@ def test_config_hashes_and_sidecar_names_are_unchanged():
 def test_the_stage_declares_one_pass_over_the_images_shards(made):
     import dataclasses
 
-    from curation.features.stage import KINDS, FeaturesStage
+    from curation.features.stage import KINDS
     from curation.stage import InputView, Resources, ShardFolder, Stage
 
     out, _, config, _ = made
