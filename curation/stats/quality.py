@@ -178,8 +178,8 @@ def removed_by_threshold(layout: Layout) -> list[tuple[str, str, int]]:
 
     out = []
     for stage in stage_classes():
-        for kind in stage_filters(stage):
-            reasons = set(getattr(kind, "reasons", ()) or (kind.reason,))
+        for kind in stage.sample_filters:
+            reasons = set(kind.reasons)
             flags = kind(layout)
             folder: StageDir = flags.folder()
             shards = folder.done_shards()
@@ -197,8 +197,3 @@ def removed_by_threshold(layout: Layout) -> list[tuple[str, str, int]]:
 
 
 QUALITY_REASONS = frozenset({"low_aesthetic", "nsfw", "low_clip_score", "not_selected"})
-
-
-def stage_filters(stage: Any) -> list[type]:
-    found = getattr(stage, "sample_filters", None) or ([stage.sample_filter] if stage.sample_filter else [])
-    return list(found)
