@@ -40,6 +40,7 @@ bench: $(BIN)/curation  ## CPU benchmarks (speed goals live here, not in tests)
 bench-gpu: $(BIN)/curation  ## GPU benchmarks at real shapes, random weights, no downloads (a CUDA machine; ~10 min)
 	$(BIN)/python bench/gpu_caption.py
 	$(BIN)/python bench/gpu_features.py
+	$(BIN)/python bench/gpu_quality.py
 
 lint: $(BIN)/curation  ## ruff check + format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -20,6 +20,7 @@ BENCHES = [
     "bench_dedup.py",
     "bench_browse.py",
     "bench_rerun_check.py",
+    "bench_quality.py",
 ]
 
 

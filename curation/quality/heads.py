@@ -27,6 +27,9 @@ from torch import nn
 from curation.errors import ConfigError
 from curation.models import HUB_TIMEOUT_S
 
+AESTHETIC_WIDTHS = (768, 1024, 128, 64, 16, 1)  # the published L/14 predictor's
+NSFW_WIDTHS = (768, 64, 512, 256, 1)  # the published L/14 detector's
+
 
 class AestheticMLP(nn.Module):
     """LAION improved aesthetic predictor v2: 768 -> 1024 -> 128 -> 64 -> 16 -> 1, no activations (the "linearMSE"
@@ -35,7 +38,7 @@ class AestheticMLP(nn.Module):
     linears: ClassVar[tuple[str, ...]] = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
     flag: ClassVar[str] = "--aesthetic-head"
 
-    def __init__(self, widths: tuple[int, ...] = (768, 1024, 128, 64, 16, 1)) -> None:
+    def __init__(self, widths: tuple[int, ...] = AESTHETIC_WIDTHS) -> None:
         super().__init__()
         w = widths
         self.layers = nn.Sequential(
@@ -75,7 +78,7 @@ class NSFWHead(nn.Module):
     linears: ClassVar[tuple[str, ...]] = ("linear_1", "linear_2", "linear_3", "linear_4")
     flag: ClassVar[str] = "--nsfw-head"
 
-    def __init__(self, widths: tuple[int, ...] = (768, 64, 512, 256, 1)) -> None:
+    def __init__(self, widths: tuple[int, ...] = NSFW_WIDTHS) -> None:
         super().__init__()
         w = widths
         self.norm = KerasNormalization(w[0])

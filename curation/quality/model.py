@@ -134,7 +134,8 @@ class QualityModel:
         self.dtype: Any = None
         self.heads: dict[str, Any] = {}  # "aesthetic" / "nsfw" -> torch module, for the heads the config names
         self.batch_size: int = config.batch_size or CPU_BATCH_SIZE
-        self._head_files: dict[str, str] = {}
+        self._head_digests: dict[str, str] = {}  # SHA-256 of each head's file, for provenance
+        self._crop: tuple[int, int] | None = None  # see _crop_plan
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer raises "Already borrowed" when shared by threads
 
     @classmethod
@@ -165,6 +166,8 @@ class QualityModel:
         self._adopt(model.to(device), processor, device=device, dtype=dtype)
 
     def _adopt(self, model: Any, processor: Any, *, device: str, dtype: Any) -> None:
+        import torch
+
         from curation.errors import SetupError
         from curation.quality.heads import load_head, resolve_head
 
@@ -177,11 +180,19 @@ class QualityModel:
         self.device, self.dtype = device, dtype
         cuda = device.startswith("cuda")
         self.batch_size = self.config.batch_size or (CUDA_BATCH_SIZE if cuda else CPU_BATCH_SIZE)
+        self._crop = self._crop_plan()
+        if self._crop is not None:
+            ip = self.processor.image_processor
+            self._rescale = float(ip.rescale_factor)
+            self._mean, self._std = (
+                torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (ip.image_mean, ip.image_std)
+            )
         for kind, source in (("aesthetic", self.config.aesthetic_head), ("nsfw", self.config.nsfw_head)):
             source = head_source(source)
             if source is not None:
                 self.heads[kind] = load_head(kind, source, self.dim).to(device)
-                self._head_files[kind] = resolve_head(source, f"--{kind}-head")
+                digest = hashlib.sha256(Path(resolve_head(source, f"--{kind}-head")).read_bytes()).hexdigest()
+                self._head_digests[kind] = digest
 
     @property
     def tag(self) -> str:
@@ -206,9 +217,45 @@ class QualityModel:
         return int(crop.get("height") or size.get("shortest_edge") or size.get("height"))
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """The processor's pixel values of RGB images (resize, centre crop, normalise), on the CPU. Thread-safe,
-        so a worker may prepare the next batch while the model embeds this one."""
-        return self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        """Pixels of RGB images as CLIP sees them, on the CPU: (n, 3, side, side) uint8 after the processor's resize
+        and centre crop, for `embed_pixels` to normalise on the device; a processor this does not know gives its own
+        float pixel values instead. Thread-safe, so a worker may prepare the next batch while the model embeds one.
+
+        CLIP's PIL image processor resizes uint8 images with PIL, crops, then rescales and normalises in float32
+        numpy; doing the same resize and crop here and the float work on the device gives identical pixel values
+        (tested) for half the CPU time and a quarter of the bytes to copy."""
+        import torch
+
+        if self._crop is None:
+            return self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        side, resample = self._crop
+        out = np.empty((len(images), side, side, 3), np.uint8)
+        for i, image in enumerate(images):
+            w, h = image.size
+            # transformers' shortest-edge resize: the short side to `side`, the long one to int(side * long / short)
+            size = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+            resized = (image if image.mode == "RGB" else image.convert("RGB")).resize(size, resample)
+            left, top = (size[0] - side) // 2, (size[1] - side) // 2
+            out[i] = np.asarray(resized.crop((left, top, left + side, top + side)))
+        return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+    def _crop_plan(self) -> tuple[int, int] | None:
+        """(side, PIL resample) when the image processor is CLIP's PIL one doing just shortest-edge resize, square
+        centre crop, 1/255 rescale and mean/std normalisation, which `preprocess` then does itself; else None."""
+        ip = self.processor.image_processor
+        size, crop = dict(ip.size or {}), dict(ip.crop_size or {})
+        plain = (
+            getattr(ip, "backend", None) == "pil"
+            and ip.do_resize
+            and set(size) == {"shortest_edge"}
+            and ip.do_center_crop
+            and crop.get("height") == crop.get("width") == size["shortest_edge"]
+            and ip.do_rescale
+            and abs(ip.rescale_factor - 1 / 255) < 1e-12
+            and ip.do_normalize
+            and not getattr(ip, "do_pad", False)
+        )
+        return (int(size["shortest_edge"]), int(ip.resample)) if plain else None
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         """(n, dim) float32 L2-normalised image embeddings of RGB images, in order."""
@@ -223,8 +270,10 @@ class QualityModel:
         import torch
 
         with torch.inference_mode():
-            x = pixels.to(self.device, self.dtype, non_blocking=True)
-            return self._normalised(self.model.get_image_features(pixel_values=x))
+            x = pixels.to(self.device, non_blocking=True)
+            if x.dtype == torch.uint8:  # preprocess's pixels: the processor's rescale and normalisation, here
+                x = (x.float() * self._rescale - self._mean) / self._std
+            return self._normalised(self.model.get_image_features(pixel_values=x.to(self.dtype)))
 
     def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """((n, dim) float32 L2-normalised text embeddings, (n,) bool: the text was longer than the context and its
@@ -285,11 +334,14 @@ class QualityModel:
         import torch
         import transformers
 
-        heads = {}
-        for kind, head in self.heads.items():
-            digest = hashlib.sha256(Path(self._head_files[kind]).read_bytes()).hexdigest()
-            source = getattr(self.config, f"{kind}_head")
-            heads[kind] = {"source": source, "class": type(head).__name__, "sha256": digest}
+        heads = {
+            kind: {
+                "source": getattr(self.config, f"{kind}_head"),
+                "class": type(head).__name__,
+                "sha256": self._head_digests[kind],
+            }
+            for kind, head in self.heads.items()
+        }
         return {
             "model": self.config.model,
             "revision": self.config.revision,

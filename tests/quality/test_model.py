@@ -3,6 +3,7 @@ AutoProcessor and the heads' file loading, on real COCO photos."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,17 @@ def test_image_embeddings_are_normalised_and_in_order(quality: QualityModel, pho
     assert quality.embed_images([]).shape == (0, quality.dim)
 
 
+def test_pixels_equal_the_processors(quality: QualityModel, photos: list) -> None:
+    odd = [photos[0].resize((20, 50)), photos[1].crop((0, 0, 300, 41)), photos[2].convert("L")]  # upscaled, wide, grey
+    images = photos[:4] + odd
+    pixels = quality.preprocess(images)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (len(images), 3, quality.input_size, quality.input_size)
+    ip = quality.processor.image_processor
+    expected = ip(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+    mean, std = torch.tensor(ip.image_mean).view(1, 3, 1, 1), torch.tensor(ip.image_std).view(1, 3, 1, 1)
+    np.testing.assert_allclose(((pixels / 255 - mean) / std).numpy(), expected.numpy(), atol=1e-5)
+
+
 def test_texts_past_the_context_are_flagged_and_cut(quality: QualityModel) -> None:
     assert quality.context == 77  # CLIP's, kept by the tiny model
     short = "a small brown dog sitting on a wooden bench in a park"
@@ -88,6 +100,10 @@ def test_heads_equal_a_computation_by_hand(quality: QualityModel, photos: list) 
     np.testing.assert_allclose(scores, hand_nsfw[:, 0].detach().numpy(), rtol=1e-5)
     assert scores.dtype == np.float32 and ((scores >= 0) & (scores <= 1)).all()
     assert quality.aesthetic(emb[:0]).shape == (0,)
+    provenance = quality.provenance()
+    digest = hashlib.sha256(Path(quality.config.nsfw_head).read_bytes()).hexdigest()
+    assert provenance["heads"]["nsfw"] == {"source": quality.config.nsfw_head, "class": "NSFWHead", "sha256": digest}
+    assert (provenance["tag"], provenance["dim"], provenance["context"]) == (quality.tag, 32, 77)
 
 
 def test_clip_score_on_known_vectors() -> None:
