@@ -339,7 +339,10 @@ def include_field(what: str = "process") -> Any:
 
 def check_include(include: Iterable[str]) -> tuple[str, ...]:
     """`include` as a tuple; ConfigError (one line) naming a reason no registered filter has."""
-    include, known = tuple(include), registered_reasons()
+    include = tuple(include)
+    if not include:
+        return include  # the common case reads no registry (it imports every stage module)
+    known = registered_reasons()
     unknown = [r for r in include if r not in known]
     if unknown:
         choose = ", ".join(known) or "none (no filter is registered)"

@@ -22,6 +22,8 @@ from curation.caption.stage import CaptionStage, CaptionStageConfig, run_caption
 from curation.cli import build_parser, configs_from_args, main
 from curation.dedup.filter import DuplicateFilter
 from curation.dedup.stage import DedupConfig, DedupStage, run_dedup
+from curation.errors import ConfigError
+from curation.export.pixart import ExportConfig, ExportPlan
 from curation.features.stage import FeaturesConfig
 from curation.ingest import IngestConfig, run_ingest
 from curation.layout import Layout
@@ -201,6 +203,8 @@ def test_include_and_its_older_alias_give_the_same_run(made, tmp_path):
         assert configs[0] == configs[1] and configs[0].include == ("duplicate",), command
     both = build_parser().parse_args(["stats", "--output", out, "--include-duplicates", "--include", f"{FLAGGED}"])
     assert configs_from_args(both)["stats"].include == ("duplicate", FLAGGED)  # the flags add up, in any order
+    with pytest.raises(ConfigError, match="^--include nope: no filter removes samples for this reason; one of"):
+        StatsConfig(include=("nope",))
     run_args = ["run", "--source", "folder", "--input", "x", "--output", out]
     for stage in ("caption", "stats", "features"):
         old = configs_from_args(build_parser().parse_args([*run_args, f"--{stage}-include-duplicates"]))
@@ -225,10 +229,13 @@ def test_include_and_its_older_alias_give_the_same_run(made, tmp_path):
     assert {p.name: p.read_bytes() for p in Path(originals.url).glob("*.json") if ".done." not in p.name} == files
 
 
-def test_include_is_in_no_config_hash(made):
+def test_include_is_in_no_config_hash(made, tmp_path):
     for config in (made["caption"], StatsConfig(), FeaturesConfig()):
         included = dataclasses.replace(config, include=("duplicate", "too_small"))
         assert config_hash(included.semantics()) == config_hash(config.semantics()), type(config).__name__
+    layout, to = Layout(made["out"]), str(tmp_path / "InternData")
+    export = [ExportPlan(layout, ExportConfig(to=to, include=include), to).semantics for include in ((), (FLAGGED,))]
+    assert export[0] == export[1]
 
 
 def test_a_flag_shard_goes_stale_with_any_folder_it_read(made, tmp_path, capsys):
