@@ -7,6 +7,7 @@
     OUT/stats/                  noun-count partials of captions/;  OUT/stats-NAME/ of captions-NAME/;
                                 OUT/stats-original/ of the originals (images/' records) and the buckets
     OUT/features/<sidecar>/     t5, t5-<field>-<L>, vae512, vae512ms, vae512-<tag> ...
+    OUT/select/                 select: keep flags of the top PCT% by aesthetic score; select/summary.json
     OUT/report/                 index.html, table1.md, duplicates.html ...
     OUT/logs/<pass>/<shard>.json  one JSON line per shard run (see `curation.runner.logs`)
     OUT/run_config.json         the resolved config of each stage's latest run
@@ -32,7 +33,7 @@ _NAME = re.compile(r"[a-z0-9_]+")
 # Folder names of the layout, and the field names that a set name is read as (`--field caption`, Σ's index fields).
 RESERVED = frozenset(
     {ORIGINAL, "caption", "captions", "images", "dedup", "stats", "report", "features", "listings", "logs",
-     "hashes", "edges", "summary", "run_config", "t5", "vae", "prompt", "sharegpt4v"}
+     "hashes", "edges", "summary", "run_config", "t5", "vae", "prompt", "sharegpt4v", "select"}
 )  # fmt: skip
 
 
@@ -166,6 +167,10 @@ class Layout:
                 name = top.removeprefix(prefix).removeprefix("-") or DEFAULT_SET
                 return folder(name), self.images if prefix == "captions" else self.captions(name)
         return self.stage_folder(top), self.images  # a keep-flag stage (size-filter): one shard per images shard
+
+    @property
+    def select_summary(self) -> str:
+        return self.url("select", "summary.json")
 
     def report(self, file: str = "") -> str:
         return self.url("report", file) if file else self.url("report")

@@ -19,6 +19,7 @@ STAGES: list[tuple[str, bool]] = [
     ("curation.caption.stage:CaptionStage", True),
     ("curation.stats.stage:StatsStage", True),
     ("curation.features.stage:FeaturesStage", True),
+    ("curation.select:SelectStage", False),
     ("curation.export.pixart:ExportStage", False),
     ("curation.export.sana:SanaStage", False),
 ]

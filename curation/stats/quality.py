@@ -19,6 +19,7 @@ from curation.records import OK
 from curation.shards import StageDir
 
 AESTHETIC, NSFW, CLIP = "aesthetic", "nsfw", "clip_score_"
+QUALITY_STAGES = ("quality", "select")  # the stages whose keep flags are score thresholds
 TOP_K = 12  # images in each of the highest / lowest aesthetic galleries
 # Fixed histogram ranges, so the same score reads the same in every report: the LAION aesthetic predictor's 1-10
 # scale (its MLP is not bounded: values beyond either end are counted in the end bins), the NSFW detector's
@@ -178,12 +179,13 @@ def removed_by_threshold(layout: Layout) -> list[tuple[str, str, int]]:
 
     out = []
     for stage in stage_classes():
+        if stage.name not in QUALITY_STAGES:
+            continue
         for kind in stage.sample_filters:
             reasons = set(kind.reasons)
-            flags = kind(layout)
-            folder: StageDir = flags.folder()
+            folder: StageDir = kind(layout).folder()
             shards = folder.done_shards()
-            if not shards or not reasons & QUALITY_REASONS:
+            if not shards:
                 continue
             totals: dict[str, int] = {}
             for marker in folder.read_dones(shards).values():
@@ -194,6 +196,3 @@ def removed_by_threshold(layout: Layout) -> list[tuple[str, str, int]]:
             where = folder.url.rstrip("/").removeprefix(layout.root + "/")
             out += [(where, reason, totals.get(reason, 0)) for reason in sorted(reasons)]
     return out
-
-
-QUALITY_REASONS = frozenset({"low_aesthetic", "nsfw", "low_clip_score", "not_selected"})
