@@ -198,11 +198,16 @@ def test_select_refuses_an_output_without_aesthetic_scores(tmp_path, coco_files,
     assert capsys.readouterr().err.strip().endswith(f"no quality scores in {out}: run curation quality first")
 
 
-def test_a_rerun_after_adding_images_equals_a_clean_run(output, coco_files, tiny_models, tmp_path):
+def test_a_rerun_after_adding_images_equals_a_clean_run(output, coco_files, tiny_models, tmp_path, capsys):
     out = output
     src = _source(out.parent, coco_files[: N_PHOTOS + 4])
     _cli("ingest", "--source", "folder", "--input", str(src), "--output", str(out), "--shard-size", SHARD)
     _quality(out, tiny_models)
+    capsys.readouterr()
+    assert (
+        main(["export-sana", "--output", str(out), "--to", str(tmp_path / "early"), "--prompt-field", "original"]) == 2
+    )
+    assert "run `curation select` again, or pass --include not_selected" in capsys.readouterr().err
     _cli("select", "--output", str(out), "--top-aesthetic", "30")
     clean = tmp_path / "out"
     _cli("ingest", "--source", "folder", "--input", str(src), "--output", str(clean), "--shard-size", SHARD)
