@@ -138,13 +138,22 @@ def low_histograms(layout: Layout, view: InputView, shard: str, per: str, bins: 
     return out
 
 
-def _merge(partials: list[dict[str, tuple]]) -> dict[str, np.ndarray]:
-    """The shards' sparse histograms summed into one dense histogram per group (fixed size)."""
-    merged: dict[str, np.ndarray] = {}
-    for partial in partials:
+class _Histograms:
+    """The shards' sparse histograms summed, as the tasks finish, into one dense histogram per group: a fixed size
+    whatever the number of shards or samples."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, np.ndarray] = {}
+
+    def add(self, _shard: str, partial: dict[str, tuple]) -> None:
         for g, (values, counts) in partial.items():
-            merged.setdefault(g, np.zeros(BINS, np.int64))[values] += counts
-    return merged
+            self.groups.setdefault(g, np.zeros(BINS, np.int64))[values] += counts
+
+
+def _merged(ctx: RunContext, label: str, fn: Any, tasks: list[tuple[str, tuple]]) -> dict[str, np.ndarray]:
+    total = _Histograms()
+    ctx.map(label, fn, tasks, on_result=total.add, keep_results=False)
+    return total.groups
 
 
 def _kth_from_top(hist: np.ndarray, k: int) -> tuple[int, int]:
@@ -166,15 +175,12 @@ class Cut:
 def find_cuts(ctx: RunContext, layout: Layout, view: InputView, config: SelectConfig, shards: list[str]) -> dict:
     """{group: Cut}: the two histogram rounds as Ray tasks, each merged on the driver."""
     per = config.per
-    high = _merge(
-        list(ctx.map("select/high-bits", high_histograms, [(s, (layout, view, s, per)) for s in shards]).values())
-    )
+    high = _merged(ctx, "select/high-bits", high_histograms, [(s, (layout, view, s, per)) for s in shards])
     wanted = {g: config.wanted(int(h.sum())) for g, h in high.items()}
     bins, above = {}, {}
     for g, h in high.items():
         bins[g], above[g] = _kth_from_top(h, wanted[g])
-    tasks = [(s, (layout, view, s, per, bins)) for s in shards]
-    low = _merge(list(ctx.map("select/low-bits", low_histograms, tasks).values()))
+    low = _merged(ctx, "select/low-bits", low_histograms, [(s, (layout, view, s, per, bins)) for s in shards])
     cuts = {}
     for g, h in high.items():
         low_bin, _ = _kth_from_top(low[g], wanted[g] - above[g])

@@ -137,7 +137,8 @@ class RunContext(Protocol):
 
     def map(self, label: str, fn: Callable[..., Any], tasks: list[tuple[str, tuple]], **kw: Any) -> dict[str, Any]:
         """Run `fn(*args)` as plain Ray tasks (listings, key checks): {task id: result}. `max_in_flight=N` bounds
-        the tasks at once (default: twice the cluster's CPUs)."""
+        the tasks at once (default: twice the cluster's CPUs); `on_result=f` calls `f(task id, result)` as each
+        finishes, and with `keep_results=False` no result is kept (a total folded in `f` holds what is needed)."""
         ...
 
 

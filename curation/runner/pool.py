@@ -373,8 +373,10 @@ def run_tasks(
     on_result: Callable[[str, Any], None] | None = None,
     on_error: Callable[[str, str], None] | None = None,
     view: Progress | None = None,
+    keep_results: bool = True,
 ) -> dict[str, Any]:
-    """Run `fn(*args)` for each (task id, args) as Ray tasks; returns {task id: result}.
+    """Run `fn(*args)` for each (task id, args) as Ray tasks; returns {task id: result} (empty with
+    `keep_results=False`: a caller that folds each result into a total through `on_result` holds none of them).
 
     For work with nothing to load whose results are small (listings, key checks, ingest shards): Ray's own retry
     serves (a task whose worker dies runs again; what it writes is atomic). An error raised by a task stops the
@@ -407,14 +409,16 @@ def run_tasks(
             for ref in ready:
                 task_id = running.pop(ref)
                 try:
-                    results[task_id] = ray.get(ref)
+                    result = ray.get(ref)
                 except RayTaskError as exc:
                     failure = failure or task_failure(name, task_id if shard_errors else None, exc)
                     if on_error is not None:
                         on_error(task_id, _one_line(getattr(exc, "cause", exc))[:300])
                     continue
+                if keep_results:
+                    results[task_id] = result
                 if on_result is not None:
-                    on_result(task_id, results[task_id])
+                    on_result(task_id, result)
                 if own_view:
                     view.finished(task_id, 1)
         if failure is not None:

@@ -123,6 +123,7 @@ def merged_partials(ctx: Any, layout: Layout) -> QualityPartial | None:
         shard_partial,
         [(s, (layout, s)) for s in shards],
         on_result=lambda _shard, part: total.merge(part),
+        keep_results=False,
     )
     return total
 
