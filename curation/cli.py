@@ -300,7 +300,7 @@ def run_option_strings(in_run: list[type]) -> dict[tuple[str, str], list[str]]:
     """{(stage, flag name): its `run` option strings}: `--<stage>-<flag>` always; the bare `--<flag>` (and its
     aliases) too where no other in-run stage has that name and it clashes with nothing; and `LEGACY_RUN_FLAGS`."""
     options = {cls.name: config_options(cls.config_type) for cls in in_run}
-    taken = {*COMMON, *(f"--no-{cls.name}" for cls in in_run[1:])}
+    taken = {*COMMON, *(_switch(cls) for cls in in_run[1:])}
     for stage, opts in options.items():
         for o in opts:
             taken.update(o.strings(f"{stage}-{o.names[0]}"))
@@ -318,6 +318,11 @@ def run_option_strings(in_run: list[type]) -> dict[tuple[str, str], list[str]]:
     return plan
 
 
+def _switch(cls: type) -> str:
+    """`curation run`'s flag that turns a stage on (an opt-in stage: `--quality`) or off (`--no-dedup`)."""
+    return f"--{cls.name}" if cls.opt_in else f"--no-{cls.name}"
+
+
 def _run_parser(sub: argparse._SubParsersAction, in_run: list[type]) -> None:
     order = " -> ".join(cls.name for cls in in_run)
     p = sub.add_parser(
@@ -328,7 +333,13 @@ def _run_parser(sub: argparse._SubParsersAction, in_run: list[type]) -> None:
     )
     _common(p)
     for cls in in_run[1:]:
-        p.add_argument(f"--no-{cls.name}", dest=f"skip.{cls.name}", action="store_true", help=f"leave {cls.name} out")
+        if cls.opt_in:
+            p.add_argument(
+                _switch(cls), dest=f"enable.{cls.name}", action="store_true",
+                help=f"run {cls.name} too (also implied by any of its flags)",
+            )  # fmt: skip
+        else:
+            p.add_argument(_switch(cls), dest=f"skip.{cls.name}", action="store_true", help=f"leave {cls.name} out")
     plan = run_option_strings(in_run)
     for cls in in_run:
         group = p.add_argument_group(f"{cls.name}: {cls.help}")
@@ -343,11 +354,11 @@ def _run_parser(sub: argparse._SubParsersAction, in_run: list[type]) -> None:
 # -- configs from parsed arguments -----------------------------------------------------------------------------
 def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """{stage name: its config} of a parsed stage command or `run` (skipped stages left out), without running."""
+    values = vars(args)
     if args.command == "run":
-        classes = [cls for cls, in_run in _stages() if in_run and not getattr(args, f"skip.{cls.name}", False)]
+        classes = [cls for cls, in_run in _stages() if in_run and _runs(cls, values)]
     else:
         classes = [registry.get(args.command)]
-    values = vars(args)
     configs = {}
     for cls in classes:
         given, missing = {}, []
@@ -361,6 +372,13 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"the following arguments are required for {cls.name}: {', '.join(missing)}")
         configs[cls.name] = make_config(cls.config_type, given)
     return configs
+
+
+def _runs(cls: type, values: dict[str, Any]) -> bool:
+    """Whether `curation run` runs a stage: not left out; an opt-in stage only when turned on or given a flag."""
+    if values.get(f"skip.{cls.name}", False):
+        return False
+    return not cls.opt_in or values.get(f"enable.{cls.name}", False) or any(d.startswith(f"{cls.name}.") for d in values)
 
 
 # -- commands --------------------------------------------------------------------------------------------------

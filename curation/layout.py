@@ -7,6 +7,9 @@
     OUT/stats/                  noun-count partials of captions/;  OUT/stats-NAME/ of captions-NAME/;
                                 OUT/stats-original/ of the originals (images/' records) and the buckets
     OUT/features/<sidecar>/     t5, t5-<field>-<L>, vae512, vae512ms, vae512-<tag> ...
+    OUT/clip/<tag>/             quality: CLIP image embeddings (npy) per images shard, <tag> the model made safe
+    OUT/quality/                quality: scores per images shard; quality/flags-images/, quality/flags-texts/ its
+                                keep flags (aesthetic and NSFW thresholds; clip-score thresholds)
     OUT/select/                 select: keep flags of the top PCT% by aesthetic score; select/summary.json
     OUT/report/                 index.html, table1.md, duplicates.html ...
     OUT/logs/<pass>/<shard>.json  one JSON line per shard run (see `curation.runner.logs`)
@@ -33,7 +36,7 @@ _NAME = re.compile(r"[a-z0-9_]+")
 # Folder names of the layout, and the field names that a set name is read as (`--field caption`, Σ's index fields).
 RESERVED = frozenset(
     {ORIGINAL, "caption", "captions", "images", "dedup", "stats", "report", "features", "listings", "logs",
-     "hashes", "edges", "summary", "run_config", "t5", "vae", "prompt", "sharegpt4v", "select"}
+     "hashes", "edges", "summary", "run_config", "t5", "vae", "prompt", "sharegpt4v", "select", "clip", "quality"}
 )  # fmt: skip
 
 
@@ -141,6 +144,23 @@ class Layout:
         """One feature sidecar folder (`t5`, `vae512ms`, ...): names come from `curation.features`."""
         return StageDir(self.url("features", name), "features")
 
+    def clip(self, tag: str) -> StageDir:
+        """CLIP image embeddings of one model (`tag`: its id made safe, see `curation.quality.model`)."""
+        if not tag or "/" in tag or tag.startswith("."):
+            raise ValueError(f"not a CLIP tag: {tag!r}")
+        return StageDir(self.url("clip", tag), "quality")
+
+    @property
+    def quality(self) -> StageDir:
+        """The quality stage's scores, one parquet per images shard."""
+        return self.stage_folder("quality")
+
+    def quality_flags(self, kind: str) -> StageDir:
+        """The quality stage's keep flags: `images` (aesthetic, NSFW) or `texts` (clip scores)."""
+        if kind not in ("images", "texts"):
+            raise KeyError(kind)
+        return StageDir(self.url("quality", f"flags-{kind}"), "quality")
+
     def stage_folder(self, stage_name: str) -> StageDir:
         """The folder of a stage that keeps one folder named after itself (stage names contain a dash or are in
         RESERVED, so no caption set can take one)."""
@@ -156,6 +176,10 @@ class Layout:
         if top == "dedup":
             folder = {"": self.dedup, "hashes": self.dedup_hashes, "edges": self.dedup_edges}[sub]
             return folder, None if sub == "edges" else self.images
+        if top == "clip" and sub:
+            return self.clip(sub), self.images
+        if top == "quality" and sub.startswith("flags-"):
+            return self.quality_flags(sub.removeprefix("flags-")), self.images
         if sub:
             raise KeyError(rel)
         if top == "images":

@@ -16,6 +16,7 @@ STAGES: list[tuple[str, bool]] = [
     ("curation.ingest:IngestStage", True),
     ("curation.sizefilter:SizeFilterStage", False),
     ("curation.dedup.stage:DedupStage", True),
+    ("curation.quality.stage:QualityStage", True),  # opt-in in `curation run`, and again after caption
     ("curation.caption.stage:CaptionStage", True),
     ("curation.stats.stage:StatsStage", True),
     ("curation.features.stage:FeaturesStage", True),

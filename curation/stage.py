@@ -155,6 +155,15 @@ class Stage(ABC):
         self.layout, self.config = layout, config
         self.result: Any = None  # what `finish` computed (dedup's groups, the report's path): `StageRun.result`
 
+    # `curation run`: an opt-in stage runs only when asked for (`--<name>`, or any of its flags); a stage with
+    # `again_after` runs once more right after that stage (quality: clip scores of the sets caption made).
+    opt_in: ClassVar[bool] = False
+    again_after: ClassVar[str | None] = None
+
+    def before_again(self) -> Stage:
+        """This stage as `curation run` runs it the first time, before `again_after` ran (default: itself)."""
+        return self
+
     def needs(self) -> list[Needs]:
         """The inputs this stage reads, earliest in the pipeline first (none: ingest reads the user's input)."""
         return []

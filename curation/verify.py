@@ -47,7 +47,7 @@ def shard_folders(layout: Layout) -> list[str]:
         if top in NOT_SHARDS or top.startswith("."):
             continue
         rels = [top]
-        if top in ("features", "dedup"):
+        if top in ("features", "dedup", "clip", "quality"):
             rels += [f"{top}/{sub.rstrip('/').rsplit('/', 1)[-1]}" for sub in fs.ls(f"{base.root}/{top}", detail=False)]
         for rel in rels:
             try:
