@@ -42,6 +42,11 @@ USER_PATH_FIELDS = ("input", "to", "captions")
 LEGACY_RUN_FLAGS = {
     "--feature-device": "--features-device",  # features' --device
     "--field": "--features-field",  # the text features encode (stats has a --field too, so no bare one is made)
+    # caption's, bare before quality (which has them too) joined `curation run`
+    "--model": "--caption-model",
+    "--batch-size": "--caption-batch-size",
+    "--revision": "--caption-revision",
+    "--num-threads": "--caption-num-threads",
 }
 
 
@@ -378,7 +383,9 @@ def _runs(cls: type, values: dict[str, Any]) -> bool:
     """Whether `curation run` runs a stage: not left out; an opt-in stage only when turned on or given a flag."""
     if values.get(f"skip.{cls.name}", False):
         return False
-    return not cls.opt_in or values.get(f"enable.{cls.name}", False) or any(d.startswith(f"{cls.name}.") for d in values)
+    return (
+        not cls.opt_in or values.get(f"enable.{cls.name}", False) or any(d.startswith(f"{cls.name}.") for d in values)
+    )
 
 
 # -- commands --------------------------------------------------------------------------------------------------

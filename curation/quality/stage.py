@@ -35,8 +35,8 @@ import pyarrow as pa
 from curation.errors import ConfigError, SetupError
 from curation.imaging import ImageDecodeError, decode_image, prefetch
 from curation.layout import ORIGINAL, Layout, check_set_name
-from curation.quality.flags import ImageFlags, TextFlags, flag_rows
 from curation.models import check_model
+from curation.quality.flags import ImageFlags, TextFlags, flag_rows
 from curation.quality.model import QualityModel, QualityModelConfig, check_heads, clip_score, head_source
 from curation.records import OK, Sample, count_statuses, table_to_samples
 from curation.shards import DoneMarker, StageDir, config_hash, lineage, read_parquet
@@ -176,16 +176,22 @@ class QualityStage(Stage):
         model = QualityModel(config.model)
         clip = layout.clip(model.tag)
         view = self.input_view(layout.images)  # the size filter's and dedup's removals: no embedding
+        sets = layout.caption_sets()
+        if not ctx.force:  # pass 1 scores what it embeds (below): refuse other heads before it writes any score
+            from curation.runner.planning import refuse_changed_config
+
+            scored = layout.quality.read_dones(layout.quality.done_shards())
+            refuse_changed_config(layout.quality.url, scored, {config_hash(config.score_semantics())})
         yield Pass(
             label=f"clip/{model.tag}",
             folder=clip,
-            make_worker=functools.partial(EmbedWorker, layout, config, model.tag, view),
+            # Each shard embedded is scored at once by the same worker, so pass 2 starts no model for it.
+            make_worker=functools.partial(EmbedWorker, layout, config, model.tag, view, sets),
             tasks=tasks,
             semantics=config.clip_semantics(),
             resources=Resources.for_device(config.model.device, config.workers),
             upstream=view,
         )
-        sets = layout.caption_sets()
         yield Pass(
             label=NAME,
             folder=layout.quality,
@@ -255,11 +261,12 @@ class EmbedWorker:
     As in caption, the CPU works ahead of the model: threads decode the next images and one thread runs the
     processor on the next batch while the model embeds this one."""
 
-    def __init__(self, layout: Layout, config: QualityStageConfig, tag: str, view: InputView) -> None:
+    def __init__(self, layout: Layout, config: QualityStageConfig, tag: str, view: InputView, sets: list[str]) -> None:
         self.images, self.folder = layout.images, layout.clip(tag)
         self.input = view
         self.config = config
-        self.model = QualityModel(config.model)
+        self.scorer = ScoreWorker(layout, config, tag, sets)
+        self.model = self.scorer.model  # one model for both: a worker start costs more than a tiny shard's work
 
     def setup(self) -> None:
         self.model.setup()
@@ -317,7 +324,9 @@ class EmbedWorker:
             files=files,
             extra={"provenance": model.provenance(), "dim": int(embeddings.shape[1])},
         )
-        return self.folder.write_done(marker)
+        self.folder.write_done(marker)
+        self.scorer.process(shard)  # the scores pass finds this shard done, with the lineage it would give it
+        return marker
 
 
 def _positions(ordered: list[Sample], rows: dict[str, int]) -> Iterator[tuple[Sample, int | None]]:
@@ -467,4 +476,3 @@ def run_quality(output: str, config: QualityStageConfig, **kw: Any) -> Any:
     from curation.runner import run
 
     return run(QualityStage(Layout(output), config), **kw)
-

@@ -52,6 +52,10 @@ def _markers(out: Path, rel: str) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted((out / rel).glob("*.done.json"))}
 
 
+def _digests(out: Path, rel: str) -> dict[str, str]:
+    return {n: json.loads(text)["removed_digest"] for n, text in _markers(out, rel).items()}
+
+
 def _removed(out: Path, rel: str) -> dict[str, str]:
     return {k: r["reason"] for k, r in index_rows(out, rel).items() if not r["keep"]}
 
@@ -64,6 +68,7 @@ def _between(values: list[float], i: int) -> float:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, coco_files, edge_case_files, tiny_models) -> dict:
+    """The steps below, each starting as few model workers as it can (a worker start costs more than its work)."""
     root = tmp_path_factory.mktemp("quality")
     originals = {}
     for line in (COCO / "captions.jsonl").read_text().splitlines():
@@ -76,85 +81,73 @@ def built(tmp_path_factory, coco_files, edge_case_files, tiny_models) -> dict:
         "--aesthetic-head", str(tiny_models["aesthetic"]), "--nsfw-head", str(tiny_models["nsfw"]),
     ]  # fmt: skip
     quality = ["quality", "--output", str(out), *models]
-    caption = ["caption", "--output", str(out), "--model", str(tiny_models["llava"]), "--max-new-tokens", "4"]
-    seen: dict = {"out": out, "src": src}
+    caption = ["caption", "--output", str(out), "--model", str(tiny_models["llava"]), "--max-new-tokens"]
+    ingest = ["ingest", "--source", "folder", "--input", str(src), "--output", str(out), "--shard-size", "4"]
+    seen: dict = {"out": out}
 
-    _ok("ingest", "--source", "folder", "--input", str(src), "--output", str(out), "--shard-size", "4")
-    _ok(*quality)
-    scores = index_rows(out, "quality")
-    seen["scores"] = scores
-    aesthetic = [r["aesthetic"] for r in scores.values()]
-    x = _between(aesthetic, 3)  # three images below it
-    clip_before = _markers(out, "clip")
+    _ok(*ingest)
+    seen["first"] = _ok(*quality)
+    scores = seen["scores"] = index_rows(out, "quality")
+    x = _between([r["aesthetic"] for r in scores.values()], 3)  # three images below it
     (clip_dir,) = (out / "clip").iterdir()
     seen["clip_dir"] = clip_dir
-    clip_before = _markers(out, f"clip/{clip_dir.name}")
-    quality_before = _markers(out, "quality")
+    clip_rel = f"clip/{clip_dir.name}"
+    clip_before, quality_before = _markers(out, clip_rel), _markers(out, "quality")
     printed = _ok(*quality, "--min-aesthetic", str(x))
     seen["threshold_run"] = {
-        "clip_same": _markers(out, f"clip/{clip_dir.name}") == clip_before,
-        "scores_same": _markers(out, "quality") == quality_before,
+        "same": _markers(out, clip_rel) == clip_before and _markers(out, "quality") == quality_before,
         "printed": printed,
         "x": x,
         "removed": _removed(out, "quality/flags-images"),
     }
 
-    printed = _ok(*caption)
+    _ok(*caption, "4")
     seen["captions"] = index_rows(out, "captions")
-    printed = _ok(*quality, "--min-aesthetic", str(x))
-    seen["after_caption"] = {"printed": printed, "scores": index_rows(out, "quality")}
+    seen["after_caption"] = {"printed": _ok(*quality, "--min-aesthetic", str(x)), "scores": index_rows(out, "quality")}
     clip_default = [s for s in (r["clip_score_default"] for r in seen["after_caption"]["scores"].values()) if s]
     y = _between(clip_default, 2)  # two captions below it
-    clip_args = ["--min-aesthetic", str(x), "--min-clip-score", f"default={y}"]
-    _ok(*quality, *clip_args)
+    _ok(*quality, "--min-aesthetic", str(x), "--min-clip-score", f"default={y}")
     seen["clip_threshold"] = {"y": y, "removed": _removed(out, "quality/flags-texts")}
-    seen["caption_again"] = _ok(*caption)  # clip-score flags do not reach caption
+    seen["caption_again"] = _ok(*caption, "4")  # clip-score flags do not reach caption
     _ok("stats", "--output", str(out))
-    seen["stats"] = {"default": set(index_rows(out, "stats")), "original": set(index_rows(out, "stats-original"))}
 
-    # A threshold that removes one more image: flags rewritten with no model, one caption shard redone.
-    kept = [r["aesthetic"] for k, r in scores.items() if r["aesthetic"] >= x]
-    x2 = _between(kept, 1)
-    clip_before, quality_before = _markers(out, f"clip/{clip_dir.name}"), _markers(out, "quality")
-    images_flags = _markers(out, "quality/flags-images")
-    printed = _ok(*quality, "--min-aesthetic", str(x2), "--min-clip-score", f"default={y}")
-    changed = {n for n, text in _markers(out, "quality/flags-images").items() if images_flags[n] != text}
+    # A threshold that removes one more image: flags rewritten with no model; stats redoes that one shard.
+    x2 = _between([r["aesthetic"] for r in scores.values() if r["aesthetic"] >= x], 1)
+    clip_before, quality_before = _markers(out, clip_rel), _markers(out, "quality")
+    images_flags = _digests(out, "quality/flags-images")
+    clip_args = ["--min-aesthetic", str(x2), "--min-clip-score", f"default={y}"]
+    printed = _ok(*quality, *clip_args)
     seen["new_threshold"] = {
-        "clip_same": _markers(out, f"clip/{clip_dir.name}") == clip_before,
-        "scores_same": _markers(out, "quality") == quality_before,
+        "same": _markers(out, clip_rel) == clip_before and _markers(out, "quality") == quality_before,
         "printed": printed,
         "removed": _removed(out, "quality/flags-images"),
-        "flag_markers_changed": changed,
-        "caption": _ok(*caption),
+        "removals_changed": {n for n, d in _digests(out, "quality/flags-images").items() if images_flags[n] != d},
+        "stats": _ok("stats", "--output", str(out)),
     }
-    clip_args = ["--min-aesthetic", str(x2), "--min-clip-score", f"default={y}"]
-    seen["new_threshold"]["quality_after"] = _ok(*quality, *clip_args)  # the re-captioned shard's scores
+    seen["stats"] = {"default": set(index_rows(out, "stats")), "original": set(index_rows(out, "stats-original"))}
 
-    # Re-captioning the set makes its clip-score flags stale until quality runs again.
-    _ok(*caption[:-1], "5", "--force")
-    seen["stale"] = _cli("stats", "--output", str(out))
-    _ok(*quality, *clip_args)
-    seen["fresh"] = _cli("stats", "--output", str(out))
-
-    # Files added (two COCO photos beside the others, the hostile files in a folder of their own): a rerun of each
-    # stage equals a clean `curation run` on the new input.
+    # Files added (two COCO photos beside the others, the hostile files in a folder of their own), and the set
+    # captioned again: its clip-score flags are stale until quality reruns; then the output equals a clean run.
     make_folder(src, coco_files[8:10], originals, nested=False)
     for f in edge_case_files:
         dst = src / "edge" / f.relative_to(EDGE_CASES)
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, dst)
-    _ok("ingest", "--source", "folder", "--input", str(src), "--output", str(out), "--shard-size", "4")
+    _ok(*ingest)
     _ok(*quality, *clip_args)
-    _ok(*caption[:-1], "5")
+    _ok(*caption, "5", "--force")
+    seen["stale"] = _cli("stats", "--output", str(out))
     _ok(*quality, *clip_args)
+    seen["fresh"] = _cli("stats", "--output", str(out))
     clean = root / "clean"
     seen["clean"] = clean
     seen["run"] = _ok(
         "run", "--source", "folder", "--input", str(src), "--output", str(clean), "--shard-size", "4",
-        "--no-dedup", "--no-features", "--caption-model", str(tiny_models["llava"]), "--max-new-tokens", "5",
-        "--quality-model", str(tiny_models["clip"]), "--aesthetic-head", str(tiny_models["aesthetic"]),
-        "--nsfw-head", str(tiny_models["nsfw"]), *clip_args,
+        "--no-dedup", "--no-stats", "--no-features", "--caption-model", str(tiny_models["llava"]),
+        "--max-new-tokens", "5", "--quality-model", str(tiny_models["clip"]),
+        "--aesthetic-head", str(tiny_models["aesthetic"]), "--nsfw-head", str(tiny_models["nsfw"]), *clip_args,
     )  # fmt: skip
+    seen["verify"] = _cli("verify", "--output", str(out))
     return seen
 
 
@@ -186,13 +179,13 @@ def test_heads_equal_a_plain_recomputation_from_the_stored_embeddings(built, tin
     from safetensors.torch import load_file
 
     from curation.quality.heads import AestheticMLP, NSFWHead
+    from curation.tiny.clip import AESTHETIC_WIDTHS, NSFW_WIDTHS
 
     out, folder = built["out"], StageDir(str(built["clip_dir"]))
     scores = index_rows(out, "quality")
     heads = {}
-    for name, cls in (("aesthetic", AestheticMLP), ("nsfw", NSFWHead)):
-        state = load_file(tiny_models[name])
-        head = cls(dim=state[next(iter(state))].shape[-1] if name == "aesthetic" else None, state=state)
+    for name, head in (("aesthetic", AestheticMLP(AESTHETIC_WIDTHS)), ("nsfw", NSFWHead(NSFW_WIDTHS))):
+        head.load_state_dict(load_file(tiny_models[name]), strict=True)
         heads[name] = head.eval()
     n = 0
     for shard in folder.done_shards():
@@ -210,19 +203,20 @@ def test_heads_equal_a_plain_recomputation_from_the_stored_embeddings(built, tin
 
 
 def test_a_new_threshold_rewrites_the_flags_without_a_model(built):
-    first, later = built["threshold_run"], built["new_threshold"]
-    assert first["clip_same"] and first["scores_same"] and later["clip_same"] and later["scores_same"]
+    first, later, tag = built["threshold_run"], built["new_threshold"], built["clip_dir"].name
+    assert first["same"] and later["same"], "embeddings and scores untouched"
     for step in (first, later):
-        assert _shards_run(step["printed"], "quality") == 0
-        assert _shards_run(step["printed"], f"clip/{built['clip_dir'].name}") == 0
+        assert _shards_run(step["printed"], "quality") == 0 and _shards_run(step["printed"], f"clip/{tag}") == 0
+    assert _shards_run(built["first"], f"clip/{tag}") > 0 and _shards_run(built["first"], "quality") == 0, (
+        "the embedding workers score what they embed"
+    )
     scores, x = built["scores"], first["x"]
     assert first["removed"] == {k: "low_aesthetic" for k, r in scores.items() if r["aesthetic"] < x}
     assert len(first["removed"]) == 3
     assert len(later["removed"]) == 4 and set(first["removed"]) < set(later["removed"])
-    assert len(later["flag_markers_changed"]) == 1, "only the shard whose removals changed has new flags"
+    assert len(later["removals_changed"]) == 1
     assert "[quality/flags-images] removed: low_aesthetic=4" in later["printed"]
-    assert _shards_run(later["caption"], "captions") == 1, "caption redoes only that shard"
-    assert _shards_run(later["quality_after"], "quality") == 1, "and quality scores only its new captions"
+    assert _shards_run(later["stats"], "stats") == 1 and _shards_run(later["stats"], "stats-original") == 1
 
 
 def test_image_thresholds_apply_from_caption_on(built):
@@ -240,7 +234,8 @@ def test_clip_score_thresholds_apply_from_stats_on(built):
     low = {k for k, r in scores.items() if r["clip_score_default"] is not None and r["clip_score_default"] < y}
     assert built["clip_threshold"]["removed"] == {k: "low_clip_score" for k in low} and len(low) == 2
     assert _shards_run(built["caption_again"], "captions") == 0, "not from caption on"
-    kept = {k for k, r in built["captions"].items() if r["status"] == "ok"} - low
+    newly_low = set(built["new_threshold"]["removed"]) - set(built["threshold_run"]["removed"])
+    kept = {k for k, r in built["captions"].items() if r["status"] == "ok"} - low - newly_low
     assert built["stats"]["default"] == kept
     assert built["stats"]["original"] == kept
 
@@ -263,6 +258,8 @@ def test_rerun_after_adding_files_equals_a_clean_run(built):
     assert a.done_shards() == b.done_shards()
     for shard in a.done_shards():
         assert np.array_equal(read_embeddings(a, shard), read_embeddings(b, shard)), shard
+    rc, printed, err = built["verify"]
+    assert rc == 0 and f"clip/{tag}" in printed and "quality/flags-texts" in printed, printed + err
 
 
 def test_a_missing_caption_set_is_refused_in_one_line(built, tiny_models):
