@@ -305,7 +305,7 @@ def run_option_strings(in_run: list[type]) -> dict[tuple[str, str], list[str]]:
     """{(stage, flag name): its `run` option strings}: `--<stage>-<flag>` always; the bare `--<flag>` (and its
     aliases) too where no other in-run stage has that name and it clashes with nothing; and `LEGACY_RUN_FLAGS`."""
     options = {cls.name: config_options(cls.config_type) for cls in in_run}
-    taken = {*COMMON, *(_switch(cls) for cls in in_run[1:])}
+    taken = {*COMMON, *(s for cls in in_run[1:] for s in _switches(cls))}
     for stage, opts in options.items():
         for o in opts:
             taken.update(o.strings(f"{stage}-{o.names[0]}"))
@@ -323,9 +323,9 @@ def run_option_strings(in_run: list[type]) -> dict[tuple[str, str], list[str]]:
     return plan
 
 
-def _switch(cls: type) -> str:
-    """`curation run`'s flag that turns a stage on (an opt-in stage: `--quality`) or off (`--no-dedup`)."""
-    return f"--{cls.name}" if cls.opt_in else f"--no-{cls.name}"
+def _switches(cls: type) -> list[str]:
+    """`curation run`'s flags that turn a stage off (`--no-dedup`), and an opt-in stage on (`--quality`)."""
+    return [f"--no-{cls.name}", f"--{cls.name}"] if cls.opt_in else [f"--no-{cls.name}"]
 
 
 def _run_parser(sub: argparse._SubParsersAction, in_run: list[type]) -> None:
@@ -338,13 +338,12 @@ def _run_parser(sub: argparse._SubParsersAction, in_run: list[type]) -> None:
     )
     _common(p)
     for cls in in_run[1:]:
+        p.add_argument(f"--no-{cls.name}", dest=f"skip.{cls.name}", action="store_true", help=f"leave {cls.name} out")
         if cls.opt_in:
             p.add_argument(
-                _switch(cls), dest=f"enable.{cls.name}", action="store_true",
+                f"--{cls.name}", dest=f"enable.{cls.name}", action="store_true",
                 help=f"run {cls.name} too (also implied by any of its flags)",
             )  # fmt: skip
-        else:
-            p.add_argument(_switch(cls), dest=f"skip.{cls.name}", action="store_true", help=f"leave {cls.name} out")
     plan = run_option_strings(in_run)
     for cls in in_run:
         group = p.add_argument_group(f"{cls.name}: {cls.help}")

@@ -138,8 +138,19 @@ def test_run_builds_the_configs_a_user_expects():
         "--max-new-tokens", "7", "--resolutions", "256,512", "--feature-device", "cpu",
     )  # fmt: skip
     configs = configs_from_args(args)
-    assert [cls.name for cls in registry.stage_classes(pipeline_only=True)] == list(configs)
+    in_run = registry.stage_classes(pipeline_only=True)
+    assert [cls.name for cls in in_run if not cls.opt_in] == list(configs), "quality is off unless asked for"
     assert (configs["ingest"].source, configs["ingest"].input) == ("folder", "X")
+    for given in (["--quality"], ["--min-aesthetic", "5"], ["--quality-model", "m"]):
+        on = configs_from_args(_parse("run", "--source", "folder", "--input", "X", "--output", "Y", *given))
+        assert [cls.name for cls in in_run] == list(on), given
+    assert on["quality"].model.model == "m" and on["caption"].model.model != "m"
+    assert (
+        configs_from_args(_parse("run", "--source", "folder", "--input", "X", "--output", "Y", "--model", "m"))[
+            "caption"
+        ].model.model
+        == "m"
+    ), "caption's bare --model of earlier releases"
     caption = configs["caption"].model
     assert (caption.batch_size, caption.max_new_tokens) == (3, 7)
     assert caption.model == registry.get("caption").config_type().model.model  # not given: the dataclass default
