@@ -24,6 +24,7 @@ import zlib
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from curation.errors import SetupError
@@ -139,7 +140,7 @@ def _kind(name: str) -> str | None:
     """`tar`, `parquet` or `json` for a shard's file (not its done marker, nor a temporary)."""
     if name.startswith(TMP_PREFIX) or name.endswith(".done.json"):
         return None
-    return name.rsplit(".", 1)[-1] if name.endswith((".tar", ".parquet", ".json")) else None
+    return name.rsplit(".", 1)[-1] if name.endswith((".tar", ".parquet", ".json", ".npy")) else None
 
 
 def check_shard(output: str, rel: str, shard: str, expected: list[str], present: list[str]) -> list[str]:
@@ -188,6 +189,8 @@ def check_shard(output: str, rel: str, shard: str, expected: list[str], present:
                         if "status" in table.column_names:
                             statuses = table.column("status").to_pylist()
                             sound = {k for k, s in zip(column, statuses, strict=True) if s == OK}
+                elif name.endswith(".npy"):  # clip/<tag>/: plain arrays, never pickles
+                    np.load(io.BytesIO(reader.read()), allow_pickle=False)
                 else:
                     json.loads(reader.read())
         except Exception as exc:  # noqa: BLE001 (any failure to read the file is the finding, not a crash)

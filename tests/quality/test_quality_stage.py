@@ -104,8 +104,8 @@ def built(tmp_path_factory, coco_files, edge_case_files, tiny_models) -> dict:
     _ok(*caption, "4")
     seen["captions"] = index_rows(out, "captions")
     seen["after_caption"] = {"printed": _ok(*quality, "--min-aesthetic", str(x)), "scores": index_rows(out, "quality")}
-    clip_default = [s for s in (r["clip_score_default"] for r in seen["after_caption"]["scores"].values()) if s]
-    y = _between(clip_default, 2)  # two captions below it
+    clip_default = {r["clip_score_default"] for r in seen["after_caption"]["scores"].values()} - {None}
+    y = _between(list(clip_default), 1)  # the captions at the lowest score below it (a random CLIP: often 0)
     _ok(*quality, "--min-aesthetic", str(x), "--min-clip-score", f"default={y}")
     seen["clip_threshold"] = {"y": y, "removed": _removed(out, "quality/flags-texts")}
     seen["caption_again"] = _ok(*caption, "4")  # clip-score flags do not reach caption
@@ -232,7 +232,8 @@ def test_image_thresholds_apply_from_caption_on(built):
 def test_clip_score_thresholds_apply_from_stats_on(built):
     scores, y = built["after_caption"]["scores"], built["clip_threshold"]["y"]
     low = {k for k, r in scores.items() if r["clip_score_default"] is not None and r["clip_score_default"] < y}
-    assert built["clip_threshold"]["removed"] == {k: "low_clip_score" for k in low} and len(low) == 2
+    assert built["clip_threshold"]["removed"] == {k: "low_clip_score" for k in low}
+    assert 0 < len(low) < sum(r["clip_score_default"] is not None for r in scores.values())
     assert _shards_run(built["caption_again"], "captions") == 0, "not from caption on"
     newly_low = set(built["new_threshold"]["removed"]) - set(built["threshold_run"]["removed"])
     kept = {k for k, r in built["captions"].items() if r["status"] == "ok"} - low - newly_low
