@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     for cls, _ in stages:
         if cls.name in ("run", "logs", "browse", "verify", "make-tiny-models"):
             raise TypeError(f"{cls.__name__}: stage name {cls.name!r} is taken by a built-in command")
-        p = sub.add_parser(cls.name, help=cls.help, description=cls.help)
+        # argparse %-formats a command's help (select's "top PCT%"): escaped, it prints as written
+        p = sub.add_parser(cls.name, help=cls.help.replace("%", "%%"), description=cls.help)
         _common(p)
         for o in config_options(cls.config_type):
             p.add_argument(
