@@ -106,7 +106,7 @@ def score_of(key: int) -> float:
 
 def ranked(layout: Layout, view: InputView, shard: str, per: str) -> tuple[list[dict], dict[str, np.ndarray]]:
     """The shard's quality rows, and the aesthetic scores of its ranked samples by group (bucket, or `all`)."""
-    rows = layout.stage_folder("quality").read_index(shard).select(["key", "status", "bucket", SCORE]).to_pylist()
+    rows = layout.quality.read_index(shard).select(["key", "status", "bucket", SCORE]).to_pylist()
     removed = view.removed(shard)
     groups: dict[str, list[float]] = {}
     for r in rows:
@@ -245,7 +245,7 @@ class _Ranking:
         self.layout, self.view, self.decision = layout, view, decision
 
     def lineages(self, shards: list[str]) -> dict[str, str]:
-        quality = self.layout.stage_folder("quality").read_dones(shards)
+        quality = self.layout.quality.read_dones(shards)
         view = self.view.lineages(shards)
         return {s: config_hash({"quality": quality[s].upstream, "input": view[s], **self.decision}) for s in shards}
 
@@ -269,12 +269,12 @@ class SelectStage(Stage):
         self.cuts: dict[str, Cut] = {}
 
     def needs(self) -> list[Needs]:
-        return [needs_images(self.layout), Needs("quality scores", self.layout.stage_folder("quality"), "quality")]
+        return [needs_images(self.layout), Needs("quality scores", self.layout.quality, "quality")]
 
     def check(self) -> None:
         """Refuse an output whose quality shards hold no aesthetic score, or miss an images shard."""
         super().check()
-        quality = self.layout.stage_folder("quality")
+        quality = self.layout.quality
         shards = quality.done_shards()
         if SCORE not in quality.read_index(shards[0]).column_names:
             raise SetupError(

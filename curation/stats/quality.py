@@ -86,7 +86,7 @@ def lowest(picks: list[tuple[float, str, str]]) -> list[tuple[float, str, str]]:
 
 def shard_partial(layout: Layout, shard: str) -> QualityPartial:
     """One quality shard reduced (a Ray task): its rows with `status` ok and the score present."""
-    table = layout.stage_folder("quality").read_index(shard)
+    table = layout.quality.read_index(shard)
     ok = np.asarray(table.column("status").to_pylist(), dtype=object) == OK
     columns = [c for c in table.column_names if c in (AESTHETIC, NSFW) or c.startswith(CLIP)]
     part = QualityPartial()
@@ -114,7 +114,7 @@ def shard_partial(layout: Layout, shard: str) -> QualityPartial:
 
 def merged_partials(ctx: Any, layout: Layout) -> QualityPartial | None:
     """Every done quality shard's partial, merged as the tasks finish; None when the output has no quality scores."""
-    shards = layout.stage_folder("quality").done_shards()
+    shards = layout.quality.done_shards()
     if not shards:
         return None
     total = QualityPartial()

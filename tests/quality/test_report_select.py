@@ -24,32 +24,36 @@ def _source(root: Path, photos: list[Path]) -> Path:
     src = root / "in"
     src.mkdir(parents=True, exist_ok=True)
     for i, photo in enumerate(photos):
+        if (src / photo.name).exists():  # left as it is: a rerun sees the photos added, nothing changed
+            continue
         shutil.copy(photo, src / photo.name)
         (src / photo.with_suffix(".txt").name).write_text(f"a photo <b>number</b> {i} & more")
     return src
 
 
-def _quality(out: Path, tiny_models) -> None:
-    """Placeholder until `curation quality` lands: the §3 layout, scores from a hash of the key."""
-    import hashlib
+def _between(values: list[float], i: int) -> float:
+    """A threshold with exactly i of `values` below it."""
+    ordered = sorted(values)
+    return (ordered[i - 1] + ordered[i]) / 2
 
-    import pyarrow as pa
 
-    from curation.shards import DoneMarker
+class Pipeline:
+    """The commands run on an output: ingest, caption (tiny LLaVA), quality (tiny CLIP and heads, thresholds)."""
 
-    images, quality = StageDir(f"{out}/images"), StageDir(f"{out}/quality")
-    for shard in images.done_shards():
-        rows = []
-        for r in images.read_index(shard).to_pylist():
-            h = int.from_bytes(hashlib.sha256(r["key"].encode()).digest()[:4], "big")
-            rows.append(
-                {"key": r["key"], "status": r["status"], "error_reason": None, "error": None,
-                 "bucket": r["bucket_1024"], "width": r["width"], "height": r["height"],
-                 "aesthetic": float(np.float32(2 + (h % 50) / 10)), "nsfw": (h % 97) / 97,
-                 "clip_score_original": float(h % 40), "text_truncated_original": h % 3 == 0}
-            )  # fmt: skip
-        quality.write_index(shard, pa.Table.from_pylist(rows))
-        quality.write_done(DoneMarker(shard, stage="quality", rows=len(rows), lineage=images.read_done(shard).upstream))
+    def __init__(self, src: Path, out: Path, tiny_models) -> None:
+        self.src, self.out, self.tiny = src, out, tiny_models
+        self.thresholds: list[str] = []
+
+    def ingest(self) -> None:
+        _cli("ingest", "--source", "folder", "--input", str(self.src), "--output", str(self.out), "--shard-size", SHARD)
+
+    def caption(self) -> None:
+        _cli("caption", "--output", str(self.out), "--model", str(self.tiny["llava"]), "--max-new-tokens", "4")
+
+    def quality(self) -> None:
+        models = ["--model", str(self.tiny["clip"]), "--aesthetic-head", str(self.tiny["aesthetic"])]
+        models += ["--nsfw-head", str(self.tiny["nsfw"])]
+        _cli("quality", "--output", str(self.out), *models, *self.thresholds)
 
 
 def _cli(*args: str) -> None:
@@ -57,14 +61,26 @@ def _cli(*args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def output(tmp_path_factory, coco_files, tiny_models, ray_local) -> Path:
+def pipeline(tmp_path_factory, coco_files, tiny_models, ray_local) -> Pipeline:
+    """18 photos with hostile alt-text; scores, then thresholds that remove 3 by aesthetic and 2 more by NSFW, the
+    set `default`, its clip scores, and the report."""
     root = tmp_path_factory.mktemp("report-select")
-    src = _source(root, coco_files[:N_PHOTOS])
-    out = root / "out"
-    _cli("ingest", "--source", "folder", "--input", str(src), "--output", str(out), "--shard-size", SHARD)
-    _quality(out, tiny_models)
-    _cli("stats", "--output", str(out))
-    return out
+    p = Pipeline(_source(root, coco_files[:N_PHOTOS]), root / "out", tiny_models)
+    p.ingest()
+    p.quality()
+    scores = index_rows(p.out, "quality").values()
+    x = _between([r["aesthetic"] for r in scores], 3)
+    y = _between([-r["nsfw"] for r in scores if r["aesthetic"] >= x], 2)  # two of the others above -y
+    p.thresholds = ["--min-aesthetic", repr(x), "--max-nsfw", repr(-y)]
+    p.caption()
+    p.quality()  # the thresholds' flags, and the clip scores of `default`
+    _cli("stats", "--output", str(p.out))
+    return p
+
+
+@pytest.fixture(scope="module")
+def output(pipeline) -> Path:
+    return pipeline.out
 
 
 def _scored(out: Path) -> dict[str, dict]:
@@ -76,8 +92,8 @@ def test_the_report_shows_the_quality_scores(output):
     page = (report / "index.html").read_text(encoding="utf-8")
     numbers = json.loads((report / "quality.json").read_text())
     scored = _scored(out)
-    for column in ("aesthetic", "nsfw", "clip_score_original"):
-        values = np.array([r[column] for r in scored.values()], np.float64)
+    for column in ("aesthetic", "nsfw", "clip_score_original", "clip_score_default"):
+        values = np.array([r[column] for r in scored.values() if r[column] is not None], np.float64)
         low, high, bins = numbers["scores"][column]["bins"]
         assert numbers["scores"][column]["count"] == len(values)
         assert numbers["scores"][column]["mean"] == pytest.approx(values.mean())
@@ -106,16 +122,30 @@ def test_the_report_shows_the_quality_scores(output):
     assert (report / "gallery" / "top-0000.jpg").exists() and (report / "gallery" / "bottom-0011.jpg").exists()
     assert "a photo &lt;b&gt;number&lt;/b&gt;" in page and "<b>number</b>" not in page
 
-    table = json.loads((report / "table1.json").read_text())
-    original = next(row for row in table if row["name"].endswith("(original captions)"))
-    clip = [r["clip_score_original"] for r in scored.values()]
-    assert original["clip_score"] == pytest.approx(np.mean(clip))
+    table = {row["name"]: row["clip_score"] for row in json.loads((report / "table1.json").read_text())}
+    for row, field in (("out (original captions)", "original"), ("out (generated captions)", "default")):
+        clip = [r[f"clip_score_{field}"] for r in scored.values() if r[f"clip_score_{field}"] is not None]
+        assert table[row] == pytest.approx(np.mean(clip))
     assert "CLIP score" in (report / "table1.md").read_text()
+    removed = {(r["flags"], r["reason"]): r["samples"] for r in numbers["removed"]}
+    flags = index_rows(out, "quality/flags-images")
+    for reason in ("low_aesthetic", "nsfw"):
+        assert removed["quality/flags-images", reason] == sum(r["reason"] == reason for r in flags.values())
+    assert (removed["quality/flags-images", "low_aesthetic"], removed["quality/flags-images", "nsfw"]) == (3, 2)
+
+
+def _quality_removed(out: Path) -> set[str]:
+    """The samples the quality thresholds remove: select does not rank them."""
+    return {k for k, r in index_rows(out, "quality/flags-images").items() if not r["keep"]}
 
 
 def _expected_selection(out: Path, pct: float, per: str = "bucket") -> tuple[set[str], dict]:
+    """(the keys kept, summary.json's groups), recomputed from the quality parquets and flags."""
     groups: dict[str, list[tuple[float, str]]] = {}
+    removed = _quality_removed(out)
     for key, r in _scored(out).items():
+        if key in removed:
+            continue
         groups.setdefault(r["bucket"] if per == "bucket" else "all", []).append((np.float32(r["aesthetic"]), key))
     kept, summary = set(), {}
     for g, members in groups.items():
@@ -158,11 +188,14 @@ def test_select_keeps_the_top_percent_of_each_bucket_and_the_export_holds_them(o
     assert all(r["reason"] == "not_selected" and r["detail"] for r in flags.values() if not r["keep"])
     summary = json.loads((out / "select" / "summary.json").read_text())
     assert summary["groups"] == groups and summary["kept"] == len(expected)
-    assert _export(out, to).counts["by_export"]["skipped_not_selected"] == N_PHOTOS - len(expected)
+    not_ranked = len(_quality_removed(out))
+    counts = _export(out, to).counts["by_export"]
+    assert counts["skipped_not_selected"] == N_PHOTOS - not_ranked - len(expected)
+    assert counts["skipped_low_aesthetic"] + counts["skipped_nsfw"] == not_ranked
     assert _exported(to) == expected
     _cli("stats", "--output", str(out))  # the report counts what select removed, from its flags' markers
     removed = json.loads((out / "report" / "quality.json").read_text())["removed"]
-    assert removed == [{"flags": "select", "reason": "not_selected", "samples": N_PHOTOS - len(expected)}]
+    assert {"flags": "select", "reason": "not_selected", "samples": N_PHOTOS - not_ranked - len(expected)} in removed
 
     # Another PCT rewrites the flags (no --force); the export redoes only the shards whose removals changed. The
     # PCT is chosen so that some shards change and some do not.
@@ -176,7 +209,8 @@ def test_select_keeps_the_top_percent_of_each_bucket_and_the_export_holds_them(o
     assert _exported(to) == _expected_selection(out, pct)[0]
 
     _cli("select", "--output", str(out), "--top-aesthetic", "100", "--per", "all")
-    assert all(r["keep"] for r in index_rows(out, "select").values()), "100%: everything ranked is kept"
+    kept = {k for k, r in index_rows(out, "select").items() if r["keep"]}
+    assert kept == set(_scored(out)) - _quality_removed(out), "100%: everything ranked is kept"
     capsys.readouterr()
     assert main(["select", "--output", str(out), "--top-aesthetic", "0"]) == 2
     assert capsys.readouterr().err.strip().endswith("--top-aesthetic 0: a percentage above 0 and at most 100")
@@ -198,21 +232,23 @@ def test_select_refuses_an_output_without_aesthetic_scores(tmp_path, coco_files,
     assert capsys.readouterr().err.strip().endswith(f"no quality scores in {out}: run curation quality first")
 
 
-def test_a_rerun_after_adding_images_equals_a_clean_run(output, coco_files, tiny_models, tmp_path, capsys):
-    out = output
-    src = _source(out.parent, coco_files[: N_PHOTOS + 4])
-    _cli("ingest", "--source", "folder", "--input", str(src), "--output", str(out), "--shard-size", SHARD)
-    _quality(out, tiny_models)
+def test_a_rerun_after_adding_images_equals_a_clean_run(pipeline, coco_files, tiny_models, tmp_path, capsys):
+    out = pipeline.out
+    _source(out.parent, coco_files[: N_PHOTOS + 4])
+    pipeline.ingest()
+    pipeline.quality()  # the new images' scores (select reads no caption: the new shards are not captioned)
     capsys.readouterr()
     assert (
         main(["export-sana", "--output", str(out), "--to", str(tmp_path / "early"), "--prompt-field", "original"]) == 2
     )
     assert "run `curation select` again, or pass --include not_selected" in capsys.readouterr().err
     _cli("select", "--output", str(out), "--top-aesthetic", "30")
-    clean = tmp_path / "out"
-    _cli("ingest", "--source", "folder", "--input", str(src), "--output", str(clean), "--shard-size", SHARD)
-    _quality(clean, tiny_models)
-    _cli("select", "--output", str(clean), "--top-aesthetic", "30")
+    clean = Pipeline(pipeline.src, tmp_path / "out", tiny_models)
+    clean.thresholds = pipeline.thresholds
+    clean.ingest()
+    clean.quality()
+    _cli("select", "--output", str(clean.out), "--top-aesthetic", "30")
+    clean = clean.out
     assert index_rows(out, "select") == index_rows(clean, "select")
     assert len(index_rows(out, "select")) == N_PHOTOS + 4
     assert json.loads((out / "select" / "summary.json").read_text()) == json.loads(
