@@ -200,15 +200,16 @@ def caption_config(plan: Plan, batch: int | None, cache: str | None) -> CaptionC
     )
 
 
-def write_images_shard(out: Path, blobs: list[bytes]) -> str:
-    """An images/ shard of the given JPEGs as the ingest stage writes one (tar, index, done marker).
+def write_images_shard(out: Path, blobs: list[bytes], captions: list[str] | None = None) -> str:
+    """An images/ shard of the given JPEGs (and original captions) as ingest writes one (tar, index, done marker).
 
     Written here rather than through ingest's sources, so a device machine needs no source listing code.
     """
     shard, samples = "00000", []
     with ShardWriter(StageDir(f"{out}/images"), shard) as writer:
         for i, blob in enumerate(blobs):
-            sample = Sample(key=f"coco_{i:05d}", source="bench", source_id=str(i), ext="jpg")
+            caption = captions[i] if captions else None
+            sample = Sample(key=f"coco_{i:05d}", source="bench", source_id=str(i), ext="jpg", original_caption=caption)
             sample.set_size(*header_size(blob))
             samples.append(sample)
             writer.add(sample.key, {"jpg": blob, "json": sample.to_json()})

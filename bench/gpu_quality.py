@@ -54,6 +54,8 @@ TINY_SHAPES = {
     "projection_dim": 32,
 }
 BATCH = 8 if TINY else 256
+STAGE_SAMPLES = 16 if TINY else 4096  # ~2 s at the goal
+STAGE_THREADS = (2,) if TINY else (8, 15)  # the stage's default decode threads on a 16-core machine, and all but one
 CONTEXT: dict[str, Any] = {}  # device and versions, on every line
 
 
@@ -163,6 +165,39 @@ def main() -> None:
             threads_for_embed_rate=round(embed_rate * per_image, 1),
             source_px=f"{images[0].width}x{images[0].height}",
         )
+        for threads in STAGE_THREADS:
+            stage(quality, Path(tmp) / f"out-{threads}", STAGE_SAMPLES, threads)
+
+
+def stage(quality: QualityModel, out: Path, n: int, threads: int) -> None:
+    """EmbedWorker.process on an images/ shard of n COCO JPEGs, with the handed-in model (a warm-up shard first)."""
+    from gpu_caption import write_images_shard  # this folder: the caption bench's shard writer
+
+    from curation.layout import Layout
+    from curation.quality.stage import EmbedWorker, QualityStage, QualityStageConfig
+
+    files = sorted(COCO.glob("*.jpg"))
+    blobs = [files[i % len(files)].read_bytes() for i in range(n)]
+    config = QualityStageConfig(model=quality.config, decode_threads=threads)
+
+    def worker(folder: Path, shard_blobs: list[bytes]) -> tuple[EmbedWorker, str]:
+        shard = write_images_shard(folder, shard_blobs)
+        layout = Layout(str(folder))
+        made = EmbedWorker(layout, config, quality.tag, QualityStage(layout, config).input_view(layout.images), [])
+        made.model = made.scorer.model = quality  # loaded already: setup() loads nothing
+        made.setup()
+        return made, shard
+
+    warm, shard = worker(out / "warm", blobs[: quality.batch_size])
+    warm.process(shard)
+    timed, shard = worker(out / "timed", blobs)
+    sync()
+    t0 = time.perf_counter()
+    marker = timed.process(shard)
+    sync()
+    seconds = time.perf_counter() - t0
+    assert marker.rows == n, marker
+    emit(what="stage", images=n, decode_threads=threads, images_per_s=round(n / seconds, 1), goal=2000)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def test_gpu_quality_bench_runs_tiny_on_cpu() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["what"]: r for r in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
-    assert set(rows) == {"build", "model_only", "embed_pixels", "preprocess"}, rows
+    assert set(rows) == {"build", "model_only", "embed_pixels", "preprocess", "stage"}, rows
     assert all({"device", "torch", "transformers", "dtype", "batch"} <= set(r) for r in rows.values()), rows
     assert rows["model_only"]["images_per_s"] > 0 and rows["embed_pixels"]["images_per_s"] > 0
-    assert rows["preprocess"]["ms_per_image"] > 0
+    assert (
+        rows["preprocess"]["ms_per_image"] > 0 and rows["stage"]["images"] == 16 and rows["stage"]["images_per_s"] > 0
+    )
