@@ -40,6 +40,9 @@ def stage_counts(layout: Layout) -> list[StageCounts]:
         ("images", layout.images),
         ("dedup", layout.dedup),
         ("size-filter", layout.stage_folder("size-filter")),
+        ("quality", layout.quality),
+        ("quality/flags-images", layout.quality_flags("images")),
+        ("quality/flags-texts", layout.quality_flags("texts")),
     ]
     sets = layout.caption_sets()
     folders += [(layout.captions_folder(s), layout.captions(s)) for s in sets]
@@ -50,6 +53,7 @@ def stage_counts(layout: Layout) -> list[StageCounts]:
         for path in sorted(base.fs.ls(base.root, detail=False)):
             name = path.rstrip("/").rsplit("/", 1)[-1]
             folders.append((f"features/{name}", layout.sidecar(name)))
+    folders.append(("select", layout.stage_folder("select")))
     out = []
     for label, folder in folders:
         shards = folder.done_shards()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from decimal import Decimal
 from pathlib import Path
@@ -121,6 +122,8 @@ def test_the_report_shows_the_quality_scores(output):
     assert [g["key"] for g in numbers["lowest_aesthetic"]] == [r["key"] for r in ranked[:12]]
     assert (report / "gallery" / "top-0000.jpg").exists() and (report / "gallery" / "bottom-0011.jpg").exists()
     assert "a photo &lt;b&gt;number&lt;/b&gt;" in page and "<b>number</b>" not in page
+    for stage in ("quality", "quality/flags-images"):  # in the stages' counts: name, shards, rows
+        assert re.search(rf"<tr><td>{stage}</td><td>\d+</td><td>{N_PHOTOS}</td>", page), stage
 
     table = {row["name"]: row["clip_score"] for row in json.loads((report / "table1.json").read_text())}
     for row, field in (("out (original captions)", "original"), ("out (generated captions)", "default")):
@@ -196,6 +199,8 @@ def test_select_keeps_the_top_percent_of_each_bucket_and_the_export_holds_them(o
     _cli("stats", "--output", str(out))  # the report counts what select removed, from its flags' markers
     removed = json.loads((out / "report" / "quality.json").read_text())["removed"]
     assert {"flags": "select", "reason": "not_selected", "samples": N_PHOTOS - not_ranked - len(expected)} in removed
+    page = (out / "report" / "index.html").read_text(encoding="utf-8")
+    assert re.search(rf"<tr><td>select</td><td>\d+</td><td>{N_PHOTOS}</td>", page), "select in the stages' counts"
 
     # Another PCT rewrites the flags (no --force); the export redoes only the shards whose removals changed. The
     # PCT is chosen so that some shards change and some do not.
