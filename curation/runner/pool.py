@@ -70,6 +70,8 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
 def _shutdown(ray) -> None:
     # Actor handles and object refs caught in reference cycles are freed by the garbage collector; freed after
     # shutdown, their finalizers call into a dead core worker and abort the process (SIGABRT at exit). Free them now.
+    with contextlib.suppress(ValueError):  # the progress board is detached: it would outlive a joined cluster's job
+        ray.kill(ray.get_actor(BOARD))
     gc.collect()
     ray.shutdown()
 
@@ -92,6 +94,9 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
+
+
+BOARD = "curation-progress"  # the progress board's actor name, in the driver's own namespace
 
 
 class _Board:
@@ -118,8 +123,10 @@ class _Progress:
         self.key = f"{name} {time.time_ns()}"
         self.board = None
         if progress:
+            # Detached: a pass run's handle going away must not kill the board while the next pass run has just
+            # looked it up by name (a non-detached actor dies with its creator's last handle). `_shutdown` ends it.
             actor = ray.remote(num_cpus=0)(_Board)
-            self.board = actor.options(name="curation-progress", get_if_exists=True).remote()
+            self.board = actor.options(name=BOARD, get_if_exists=True, lifetime="detached").remote()
 
     def rows_done(self, shard: str) -> RowsDone:
         """The callback a worker is given for `shard` (picklable: it travels with the task)."""
