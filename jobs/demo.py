@@ -3,7 +3,8 @@
     python -m jobs.demo [--output demo-output]
 
 Two source layouts (a captioned folder and an img2dataset/LAION tar) go through ingest -> caption -> stats ->
-features; the LAION output then gets a second caption set (a prompt templated with the alt-text), Table 1 with
+features (the LAION one also through quality: CLIP embeddings, aesthetic, NSFW and clip scores); the LAION output
+then gets a second caption set (a prompt templated with the alt-text), Table 1 with
 a row per caption set, Σ's features (300 tokens, a tiny SDXL-shaped VAE), the PixArt-α and PixArt-Σ exports, one
 batch of the bucket-aware loader, and Sana's webdataset export with DC-AE latents (a tiny AutoencoderDC).
 The models are random and tiny, so
@@ -25,6 +26,8 @@ from curation.features.stage import SIGMA_MAX_LENGTH, FeaturesConfig, run_featur
 from curation.ingest import IngestConfig
 from curation.layout import Layout
 from curation.pipeline import run_pipeline
+from curation.quality.model import QualityModelConfig
+from curation.quality.stage import QualityStageConfig
 from curation.runner import ray_session
 from curation.stats.stage import StatsConfig, run_stats
 from curation.tiny import make_tiny_models
@@ -72,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
                 "stats": StatsConfig(name=name),
                 "features": features,
             }  # dedup: its defaults
+            if name == "laion":  # quality signals (tiny CLIP and heads): scores only, no threshold removes a sample
+                configs["quality"] = QualityStageConfig(
+                    model=QualityModelConfig(
+                        str(models["clip"]), aesthetic_head=str(models["aesthetic"]), nsfw_head=str(models["nsfw"])
+                    )
+                )
             summaries = [result.run for result in run_pipeline(str(out / name), configs, progress=False)]
             reports[name] = Layout(str(out / name)).report("index.html")
             # Multi-scale latents too (each image at its aspect-ratio bucket): only the new sidecar is computed.
