@@ -302,6 +302,18 @@ def decode_image(
         raise _classify(e) from e
 
 
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last one shorter): the batches a model stage feeds its processor."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def prefetch(items: Iterable[T], fn: Callable[[T], R], *, threads: int, ahead: int) -> Iterator[R | Exception]:
     """Ordered map of fn over items on a thread pool, at most `ahead` results in flight.
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from curation.caption.model import DEFAULT_PROMPT, CaptionConfig, Captioner, Prepared
 from curation.caption.sets import template_fields
-from curation.imaging import ImageDecodeError, decode_image, prefetch
+from curation.imaging import ImageDecodeError, chunks, decode_image, prefetch
 from curation.layout import DEFAULT_SET, ORIGINAL, Layout
 from curation.models import check_model
 from curation.records import OK, Sample, count_statuses, samples_to_table, table_to_samples
@@ -210,21 +210,10 @@ class CaptionWorker:
         # Decoding runs 2 batches ahead, so pulling the batch after next (below) finds its images decoded.
         decoded = prefetch(todo(), decode, threads=threads, ahead=2 * batch_size + threads)
         # Two batches in the processor while the model generates: one more would only hold memory.
-        for outcome in prefetch(_chunks(decoded, batch_size), prepare, threads=2, ahead=2):
+        for outcome in prefetch(chunks(decoded, batch_size), prepare, threads=2, ahead=2):
             if isinstance(outcome, Exception):  # decode errors are per sample; a processor error fails the shard
                 raise outcome
             yield outcome
-
-
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def run_caption(output: str, config: CaptionStageConfig, **kw) -> StageRun:

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation.errors import ConfigError, SetupError
-from curation.imaging import ImageDecodeError, decode_image, prefetch
+from curation.imaging import ImageDecodeError, chunks, decode_image, prefetch
 from curation.layout import ORIGINAL, Layout, check_set_name
 from curation.models import check_model
 from curation.quality.flags import ImageFlags, TextFlags, flag_rows
@@ -244,17 +244,6 @@ def _decode(size: int, item: tuple[Sample, bytes]) -> tuple[Sample, object]:
         return sample, exc
 
 
-def _chunks(items: Iterator, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 class EmbedWorker:
     """Embeds one `images/` shard's sound images into `clip/<tag>/`; the model loads once per worker.
 
@@ -289,15 +278,15 @@ class EmbedWorker:
             return len(batch), [s for s, _ in ok], model.preprocess([image for _, image in ok]) if ok else None
 
         rows: dict[str, int] = {}
-        chunks: list[np.ndarray] = []
+        vectors: list[np.ndarray] = []
         done = sum(s.status != OK for s in samples.values())
         rows_done(done, len(samples))
-        for outcome in prefetch(_chunks(decoded, model.batch_size), prepare, threads=1, ahead=2):
+        for outcome in prefetch(chunks(decoded, model.batch_size), prepare, threads=1, ahead=2):
             if isinstance(outcome, Exception):  # decode errors are per sample; a processor error fails the shard
                 raise outcome
             size, embedded, pixels = outcome
             if pixels is not None:
-                chunks.append(model.embed_pixels(pixels).astype(np.float16))
+                vectors.append(model.embed_pixels(pixels).astype(np.float16))
             for sample in embedded:
                 rows[sample.key] = len(rows)
             done += size
@@ -305,7 +294,7 @@ class EmbedWorker:
         # Key order in the npy too: row i of the array is the i-th embedded key.
         ordered = sorted(samples.values(), key=lambda s: s.key)
         order = [rows[s.key] for s in ordered if s.key in rows]
-        embeddings = np.concatenate(chunks)[order] if chunks else np.zeros((0, model.dim), np.float16)
+        embeddings = np.concatenate(vectors)[order] if vectors else np.zeros((0, model.dim), np.float16)
         index = pa.Table.from_pylist(
             [
                 {"key": s.key, "status": s.status, "error_reason": s.error_reason, "error": s.error, "row": row}
